@@ -1,0 +1,130 @@
+"""The ``mimkit`` command: thin subcommands, config -> task.
+
+User errors (bad recipes, overrides, paths) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mimkit.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+OVERRIDES_HELP = "config overrides as key.sub=value (dotlist), applied after the recipe"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, help="YAML recipe (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from mimkit.tasks.pretrain import run_pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_pretrain(cfg, resume=args.resume)
+    run_dir = result.run_dir
+    print(f"\nrun directory: {run_dir}")
+    print(f"  steps {result.train.step}, epochs {result.train.epoch}, last loss {result.train.loss:.4f}")
+    print(f"  config:         {run_dir / 'config.yaml'}")
+    print(f"  metrics:        {run_dir / 'metrics.jsonl'}  (TensorBoard: {run_dir / 'tensorboard'})")
+    print(f"  checkpoints:    {run_dir / 'checkpoints'}")
+    if result.encoder_path:
+        print(f"  encoder (timm): {result.encoder_path}")
+    if result.figure_path:
+        print(f"  figure:         {result.figure_path}")
+    for name, r in result.knn.items():
+        print(
+            f"  k-NN top-1 ({name}): {r.top1:.2f}%  (k={r.k}, T={r.temperature}, {r.pool} pool, "
+            f"{r.num_train} train / {r.num_test} test)"
+        )
+    if result.train.stopped_early:
+        print(f"  stopped by train.max_steps; continue with --resume (run.dir={run_dir})")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mimkit.config import to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from mimkit.engine.checkpoint import load_weights
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: inspect reads safetensors files (mimkit checkpoints)")
+    state, meta = load_weights(path)
+    n = sum(v.numel() for v in state.values())
+    print(json.dumps({"file": str(path), "tensors": len(state), "parameters": n, **meta}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mimkit", description="Masked image modeling (MAE, BEiT) for Vision Transformers."
+    )
+    from mimkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a ViT with MAE",
+        description="Pretrain a ViT with MAE. Writes config.yaml, metrics.jsonl, TensorBoard "
+        "events, checkpoints/, figures/ and encoder.safetensors to run.dir.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.dir from its latest complete checkpoint",
+    )
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "config", help="print a resolved recipe", description="Validate a recipe with its "
+        "overrides and print the resolved config (presets and the absolute lr filled in)."
+    )  # fmt: skip
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint",
+        description="Print what a mimkit safetensors checkpoint holds: provenance and sizes.",
+    )
+    p.add_argument("checkpoint", help="a .safetensors file or a checkpoint directory")
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"mimkit: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"mimkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Transforms whose randomness comes from an explicit generator.
+
+Per-sample randomness is a function of (seed, epoch, index) (see :mod:`mimkit.data.views`), so a
+resumed run, any number of data-loader workers, or another rank sees exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["EvalTransform", "PretrainTransform", "crop_params"]
+
+
+def crop_params(
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w), drawn from ``generator``.
+
+    Same rule as torchvision: 10 tries of area ~ U(scale) and log-uniform aspect ratio, then a
+    central crop clamped to ``ratio``.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(
+            torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)
+        )
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class PretrainTransform:
+    """MAE pretraining augmentation: random resized crop, horizontal flip, normalize."""
+
+    def __init__(
+        self,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+    ) -> None:
+        self.img_size, self.mean, self.std = img_size, list(mean), list(std)
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 (C, H, W) -> normalized float (C, S, S)."""
+        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio, generator)
+        x = TF.to_dtype(img, torch.float32, scale=True)
+        x = TF.resized_crop(
+            x, top, left, h, w, [self.img_size, self.img_size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        )  # fmt: skip
+        if torch.rand(1, generator=generator).item() < self.hflip:
+            x = TF.horizontal_flip(x)
+        return TF.normalize(x.clamp(0, 1), self.mean, self.std)
+
+
+class EvalTransform:
+    """Deterministic: resize the short side to ``img_size``, center crop, normalize."""
+
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.img_size, self.mean, self.std = img_size, list(mean), list(std)
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = TF.to_dtype(img, torch.float32, scale=True)
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = TF.resize(x, [self.img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = TF.center_crop(x, [self.img_size, self.img_size]).clamp(0, 1)
+        return TF.normalize(x, self.mean, self.std)

@@ -1,0 +1,118 @@
+"""Checkpoints: weights in safetensors with provenance, training state saved atomically.
+
+Layout of ``<run.dir>/checkpoints``::
+
+    ckpt-00001200/model.safetensors   weights + provenance metadata (all string values)
+    ckpt-00001200/state.pt            optimizer, step, epoch, sampler position, RNG states
+    latest                            the name of the newest complete checkpoint
+
+A checkpoint directory is written under a temporary name and renamed into place, then ``latest``
+is replaced atomically, so a crash never leaves a half-written checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+__all__ = [
+    "latest_checkpoint",
+    "load_train_state",
+    "load_weights",
+    "read_metadata",
+    "save_checkpoint",
+    "save_weights",
+]
+
+
+def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write a safetensors file atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata=_stringify(metadata))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Provenance metadata of a safetensors file, JSON values decoded."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a safetensors file. Never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_file(str(path)), read_metadata(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    *,
+    weights: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    train_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write ``ckpt-{step:08d}/`` atomically, point ``latest`` at it, keep the newest ``keep_last``."""
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:08d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", weights, metadata)
+    torch.save(train_state, tmp / "state.pt")
+    _fsync(tmp / "state.pt")
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    done = sorted(p for p in root.glob("ckpt-*") if p.is_dir())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None when there is none."""
+    root = Path(ckpt_root)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "model.safetensors").is_file() and (path / "state.pt").is_file() else None
+
+
+def load_train_state(ckpt_dir: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    # weights_only=True: tensors and plain containers only, never arbitrary objects
+    return torch.load(Path(ckpt_dir) / "state.pt", map_location=map_location, weights_only=True)

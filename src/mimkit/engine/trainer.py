@@ -1,0 +1,246 @@
+"""The training loop. It knows a small task protocol, never the method.
+
+A task provides ``model`` (an nn.Module), ``step(batch) -> StepOutput`` (loss and logs),
+``weights()`` (the state dict to save) and ``metadata()`` (provenance). Everything else (optimizer,
+schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mimkit.config import OptimConfig, TrainConfig
+from mimkit.data import AugmentedView, ResumableSampler, make_loader
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.distributed import is_main, rank, world_size
+from mimkit.engine.logging import MetricsLogger
+from mimkit.engine.optim import build_optimizer, cosine_lr, set_lr
+
+__all__ = ["NonFiniteLossError", "StepOutput", "Task", "TrainResult", "Trainer"]
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, what is differentiated
+    logs: dict[str, torch.Tensor]  # scalars to log (detached)
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def step(self, batch: Any) -> StepOutput: ...
+    def weights(self) -> dict[str, torch.Tensor]: ...
+    def metadata(self) -> dict[str, Any]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm is NaN/inf; the optimizer step was not taken."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    loss: float
+    stopped_early: bool  # stopped by train.max_steps before the last epoch
+    history: list[dict] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs a :class:`Task` over an :class:`AugmentedView` for ``train.epochs`` epochs."""
+
+    def __init__(
+        self,
+        task: Task,
+        data: AugmentedView,
+        *,
+        optim: OptimConfig,
+        train: TrainConfig,
+        run_dir: str | Path,
+        device: torch.device,
+        seed: int,
+        num_workers: int = 0,
+        on_epoch_end: Callable[[int, bool], None] | None = None,
+    ) -> None:
+        self.task, self.data, self.optim_cfg, self.cfg = task, data, optim, train
+        self.run_dir, self.device, self.seed = Path(run_dir), device, seed
+        self.on_epoch_end = on_epoch_end
+        self.sampler = ResumableSampler(len(data), seed=seed, rank=rank(), world_size=world_size())
+        self.loader = make_loader(
+            data,
+            batch_size=train.batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            drop_last=True,
+            seed=seed,
+        )
+        self.batches_per_epoch = self.sampler.per_rank // train.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // optim.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch of {self.sampler.per_rank} samples gives no optimizer step with "
+                f"train.batch_size={train.batch_size} and optim.accum_steps={optim.accum_steps}"
+            )
+        self.total_steps = self.steps_per_epoch * train.epochs
+        self.warmup_steps = round(optim.warmup_epochs * self.steps_per_epoch)
+        self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
+        self.optimizer = build_optimizer(optim, task.model)
+        self.autocast = train.precision == "bf16"
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.logger = MetricsLogger(self.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._saved_step = -1
+
+    # ---- state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": _rng_state(),
+            "seed": self.seed,
+        }
+
+    def save(self) -> Path | None:
+        if not is_main() or self._saved_step == self.step:
+            return None
+        self._saved_step = self.step
+        meta = {**self.task.metadata(), "step": self.step, "epoch": self.epoch}
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            weights=self.task.weights(),
+            metadata=meta,
+            train_state=self.state_dict(),
+            keep_last=self.cfg.keep_last,
+        )
+
+    def resume(self) -> bool:
+        """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
+        path = ckpt.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        weights, _ = ckpt.load_weights(path / "model.safetensors")
+        self.task.load_weights(weights)
+        state = ckpt.load_train_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        _set_rng_state(state["rng"])
+        return True
+
+    # ---- the loop ----
+
+    def fit(self) -> TrainResult:
+        model, cfg, accum = self.task.model, self.cfg, self.optim_cfg.accum_steps
+        model.train()
+        show = is_main()
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            desc="pretrain",
+            disable=not show,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        last_loss, t0, seen = math.nan, time.perf_counter(), 0
+        history: list[dict] = []
+        while self.epoch < cfg.epochs and self.step < self.max_steps:
+            self.data.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start(self.batch_in_epoch * cfg.batch_size)
+            loss_sum = torch.zeros((), device=self.device)
+            for batch in self.loader:
+                if self.batch_in_epoch >= self.steps_per_epoch * accum:
+                    break  # a partial accumulation at the end of an epoch is dropped
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    out = self.task.step(batch)
+                (out.loss / accum).backward()
+                loss_sum += out.loss.detach()
+                self.batch_in_epoch += 1
+                seen += cfg.batch_size
+                if self.batch_in_epoch % accum:
+                    continue
+                lr = self._optimizer_step(loss_sum / accum)
+                last_loss = float(loss_sum) / accum
+                loss_sum.zero_()
+                if self.step % cfg.log_every_steps == 0 or self.step == self.max_steps:
+                    dt = time.perf_counter() - t0
+                    rec = {
+                        "epoch": self.epoch,
+                        "loss": last_loss,
+                        "lr": lr,
+                        "img_per_s": seen * world_size() / max(dt, 1e-9),
+                        **{k: float(v) for k, v in out.logs.items()},
+                    }
+                    self.logger.log(rec, step=self.step, prefix="train")
+                    history.append({"step": self.step, **rec})
+                    t0, seen = time.perf_counter(), 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=self.epoch)
+                if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
+                    self.save()
+                if self.step >= self.max_steps:
+                    break
+            if self.batch_in_epoch >= self.steps_per_epoch * accum:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                final = self.epoch >= cfg.epochs
+                if final or self.epoch % cfg.ckpt_every_epochs == 0:
+                    self.save()
+                if self.on_epoch_end is not None and show:
+                    self.on_epoch_end(self.epoch, final)
+        bar.close()
+        stopped_early = self.epoch < cfg.epochs
+        if stopped_early:
+            self.save()  # stopped by max_steps: keep the exact place to resume from
+        self.logger.close()
+        return TrainResult(self.step, self.epoch, last_loss, stopped_early, history)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> float:
+        lr = cosine_lr(
+            self.step,
+            lr=self.optim_cfg.lr,
+            min_lr=self.optim_cfg.min_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )
+        set_lr(self.optimizer, lr)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.optim_cfg.clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad)
+            finite = torch.isfinite(loss) & torch.isfinite(norm)
+        else:
+            finite = torch.isfinite(loss)
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss)}) at step {self.step}, epoch {self.epoch}: the "
+                "optimizer step was not taken; the last checkpoint is intact (try a lower optim.lr "
+                "or set optim.clip_grad)"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr

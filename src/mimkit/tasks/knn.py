@@ -1,0 +1,96 @@
+"""Weighted k-NN classification on frozen encoder features (Wu et al. 2018; DINO's protocol).
+
+Features are L2-normalized; each test image takes its k most cosine-similar training images,
+whose votes are weighted by exp(similarity / temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from mimkit.models.vit import VisionTransformer
+
+__all__ = ["KnnResult", "extract_features", "knn_evaluate", "knn_predict"]
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: VisionTransformer,
+    dataset: Dataset,
+    *,
+    pool: str = "avg",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (M, D) float32 on CPU, labels (M,)) of a dataset yielding (image, label)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for imgs, y in loader:
+        tokens = encoder.forward_features(imgs.to(device))  # (B, 1+N, D)
+        feats.append(encoder.pool(tokens, pool).float().cpu())
+        labels.append(torch.as_tensor(y))
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted class (M_test,) by temperature-weighted voting of the k nearest neighbours."""
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    k = min(k, len(train_feats))
+    train = F.normalize(train_feats, dim=1)
+    preds = []
+    for start in range(0, len(test_feats), chunk):
+        q = F.normalize(test_feats[start : start + chunk], dim=1)  # (m, D)
+        sim, idx = (q @ train.T).topk(k, dim=1)  # (m, k)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(len(q), num_classes)
+        votes.scatter_add_(1, train_labels[idx], weights)  # (m, C)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+@dataclass
+class KnnResult:
+    top1: float  # accuracy in percent
+    k: int
+    temperature: float
+    pool: str
+    num_train: int
+    num_test: int
+
+
+def knn_evaluate(
+    encoder: VisionTransformer,
+    train_set: Dataset,
+    test_set: Dataset,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "avg",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> KnnResult:
+    """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features."""
+    tr_f, tr_y = extract_features(encoder, train_set, pool=pool, batch_size=batch_size, device=device)
+    te_f, te_y = extract_features(encoder, test_set, pool=pool, batch_size=batch_size, device=device)
+    pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
+    top1 = 100.0 * (pred == te_y).float().mean().item()
+    return KnnResult(top1, k, temperature, pool, len(tr_f), len(te_f))

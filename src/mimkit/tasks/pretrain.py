@@ -1,0 +1,225 @@
+"""``mimkit pretrain``: MAE pretraining, figures, the encoder export and the k-NN evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mimkit import __version__
+from mimkit.config import ConfigError, PretrainConfig, save_config, to_dict
+from mimkit.data import (
+    AugmentedView,
+    EvalTransform,
+    PretrainTransform,
+    build_dataset,
+    dataset_stats,
+)
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.distributed import is_main
+from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
+from mimkit.models import build_encoder, build_mae
+from mimkit.models.mae import MAE, from_official_layout, to_official_layout
+from mimkit.tasks.knn import KnnResult, knn_evaluate
+from mimkit.viz import save_reconstruction_figure
+
+__all__ = ["MAEPretrainTask", "PretrainResult", "pick_device", "run_pretrain"]
+
+# keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
+_RESUMABLE_CHANGES = ("train.max_steps", "eval.")
+
+
+class MAEPretrainTask:
+    """The trainer's task for MAE: batch -> masked-pixel loss."""
+
+    def __init__(self, model: MAE, cfg: PretrainConfig, *, mean: list[float], std: list[float]):
+        self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
+        self.device = next(model.parameters()).device
+
+    def step(self, batch: Any) -> StepOutput:
+        imgs = batch[0].to(self.device, non_blocking=True)  # (B, C, H, W) normalized
+        out = self.model(imgs)
+        return StepOutput(loss=self.model.loss(imgs, out), logs={})
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The full MAE in the official layout (encoder keys are timm's)."""
+        return to_official_layout(self.model.state_dict())
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(from_official_layout(state), strict=True)
+
+    def metadata(self) -> dict[str, Any]:
+        return provenance(self.cfg, mean=self.mean, std=self.std, decoder=True)
+
+
+def provenance(
+    cfg: PretrainConfig, *, mean: list[float], std: list[float], decoder: bool
+) -> dict[str, Any]:
+    """What a checkpoint is: stored as safetensors metadata (all values JSON strings)."""
+    m = cfg.model
+    return {
+        "format": "mimkit",
+        "mimkit_version": __version__,
+        "method": m.method,
+        "target": "norm_pixels" if cfg.target.norm_pix else "pixels",
+        "mask_strategy": cfg.mask.strategy,
+        "mask_ratio": cfg.mask.ratio,
+        "arch": m.arch,
+        "img_size": m.img_size,
+        "patch_size": m.patch_size,
+        "in_chans": m.in_chans,
+        "embed_dim": m.embed_dim,
+        "depth": m.depth,
+        "num_heads": m.num_heads,
+        "mlp_ratio": m.mlp_ratio,
+        "mean": mean,
+        "std": std,
+        "includes_decoder": decoder,
+        "layout": "official-mae" if decoder else "timm-vit",
+        "model_config": to_dict(m),
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} is not allowed: CUDA is not available here")
+    return torch.device(name)
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    run_dir: Path
+    train: TrainResult
+    encoder_path: Path | None
+    figure_path: Path | None
+    knn: dict[str, KnnResult]
+
+
+def _check_resume_config(cfg: PretrainConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(to_dict(cfg))
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith(_RESUMABLE_CHANGES):
+            continue
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
+                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may change)"
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
+    """Pretrain an MAE as ``cfg`` says; write everything to ``cfg.run.dir``."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        if ckpt.latest_checkpoint(ckpt_root) is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
+        _check_resume_config(cfg, run_dir)
+    elif ckpt_root.exists() and any(ckpt_root.iterdir()):
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
+            "run, or choose another run.dir"
+        )
+    device = pick_device(cfg.run.device)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.run.seed)
+    if is_main():
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    m = cfg.model
+    base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
+    mean, std = dataset_stats(cfg.data, base)
+    d = cfg.data
+    train_view = AugmentedView(
+        base,
+        PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip),
+        seed=cfg.run.seed,
+    )
+    model = build_mae(cfg).to(device)
+    task = MAEPretrainTask(model, cfg, mean=mean, std=std)
+    eval_tf = EvalTransform(m.img_size, mean, std)
+    fig_imgs = torch.stack([eval_tf(base[i][0]) for i in range(min(8, len(base)))]).to(device)
+    fig_path = run_dir / "figures" / "reconstruction.png"
+
+    def on_epoch_end(epoch: int, final: bool) -> None:
+        if final or epoch % cfg.train.figure_every_epochs == 0:
+            save_reconstruction_figure(
+                model, fig_imgs, fig_path, mean=mean, std=std, seed=cfg.run.seed,
+                title=f"MAE reconstructions, epoch {epoch} (mask ratio {cfg.mask.ratio})",
+            )  # fmt: skip
+
+    trainer = Trainer(
+        task,
+        train_view,
+        optim=cfg.optim,
+        train=cfg.train,
+        run_dir=run_dir,
+        device=device,
+        seed=cfg.run.seed,
+        num_workers=d.num_workers,
+        on_epoch_end=on_epoch_end,
+    )
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+
+    encoder_path = None
+    knn: dict[str, KnnResult] = {}
+    if is_main():
+        if result.stopped_early or not fig_path.exists():
+            on_epoch_end(result.epoch, True)
+        encoder_path = run_dir / "encoder.safetensors"
+        ckpt.save_weights(
+            encoder_path,
+            model.encoder.state_dict(),
+            {**provenance(cfg, mean=mean, std=std, decoder=False), "step": result.step},
+        )
+        if cfg.eval.knn.enabled:
+            knn = evaluate_knn(cfg, model.encoder, mean=mean, std=std, device=device)
+            record = {name: dataclasses.asdict(r) for name, r in knn.items()}
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"kind": "eval", "step": result.step, "knn": record}) + "\n")
+            (run_dir / "eval.json").write_text(json.dumps({"knn": record}, indent=2) + "\n")
+    return PretrainResult(run_dir, result, encoder_path, fig_path, knn)
+
+
+def evaluate_knn(
+    cfg: PretrainConfig, encoder, *, mean: list[float], std: list[float], device: torch.device
+) -> dict[str, KnnResult]:
+    """k-NN top-1 of the pretrained encoder and of the same architecture at random init."""
+    k, m = cfg.eval.knn, cfg.model
+    tf = EvalTransform(m.img_size, mean, std)
+    views = []
+    roots = {"train": k.train_root or cfg.data.root, "test": k.test_root or cfg.data.root}
+    for split, limit in (("train", k.train_samples), ("test", k.test_samples)):
+        data_cfg = dataclasses.replace(cfg.data, max_samples=limit, split=split, root=roots[split])
+        base = build_dataset(data_cfg, img_size=m.img_size, channels=m.in_chans, split=split)
+        views.append(AugmentedView(base, tf, seed=cfg.run.seed))
+    torch.manual_seed(cfg.run.seed)
+    random_encoder = build_encoder(m).to(device)
+    opts = dict(k=k.k, temperature=k.temperature, pool=k.pool, batch_size=k.batch_size, device=device)
+    return {
+        "pretrained": knn_evaluate(encoder, *views, **opts),
+        "random_init": knn_evaluate(random_encoder, *views, **opts),
+    }

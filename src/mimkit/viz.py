@@ -1,0 +1,88 @@
+"""Figures as PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from mimkit.models.mae import MAE  # noqa: E402
+from mimkit.targets import denormalize_patches, patchify, unpatchify  # noqa: E402
+
+__all__ = ["mae_reconstruction_panels", "save_reconstruction_figure"]
+
+
+@torch.no_grad()
+def mae_reconstruction_panels(
+    model: MAE, imgs: torch.Tensor, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Original, masked, reconstruction and reconstruction with visible patches pasted back.
+
+    All (B, C, H, W) in the model's normalized input space. Norm-pix predictions are mapped back
+    to pixels with each true patch's mean and std (the usual way to show them).
+    """
+    was_training = model.training
+    model.eval()
+    enc = model.encoder
+    b, n = imgs.shape[0], enc.num_patches
+    noise = torch.rand(b, n, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    out = model(imgs, noise=noise)
+    model.train(was_training)
+    patches = patchify(imgs, enc.patch_size)  # (B, N, P)
+    pred = out.pred.float()
+    if model.norm_pix_loss:
+        pred = denormalize_patches(pred, patches)
+    m = out.mask.mask.unsqueeze(-1)  # (B, N, 1)
+
+    def image(p):
+        return unpatchify(p, enc.patch_size, enc.in_chans, enc.grid_size)
+
+    return {
+        "original": imgs,
+        "masked": image(torch.where(m, torch.full_like(patches, float("nan")), patches)),
+        "reconstruction": image(pred),
+        "reconstruction + visible": image(torch.where(m, pred, patches)),
+    }
+
+
+def save_reconstruction_figure(
+    model: MAE,
+    imgs: torch.Tensor,
+    path: str | Path,
+    *,
+    mean: list[float],
+    std: list[float],
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """Rows of original | masked | reconstruction | reconstruction + visible, de-normalized."""
+    panels = mae_reconstruction_panels(model, imgs, seed=seed)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    rows, cols = imgs.shape[0], len(panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    for j, (name, batch) in enumerate(panels.items()):
+        pics = (batch.cpu().float() * s + m).clamp(0, 1)  # NaN (masked) stays NaN -> blank
+        for i in range(rows):
+            ax = axes[i][j]
+            pic = pics[i].permute(1, 2, 0).numpy()
+            if pic.shape[-1] == 1:
+                ax.imshow(pic[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(pic)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
