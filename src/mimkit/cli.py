@@ -29,9 +29,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = run_pretrain(cfg, resume=args.resume)
     run_dir = result.run_dir
     print(f"\nrun directory: {run_dir}")
-    print(f"  steps {result.train.step}, epochs {result.train.epoch}, last loss {result.train.loss:.4f}")
+    print(
+        f"  steps {result.train.step}, epochs {result.train.epoch}, "
+        f"last loss {result.train.loss:.4f}"
+    )
     print(f"  config:         {run_dir / 'config.yaml'}")
-    print(f"  metrics:        {run_dir / 'metrics.jsonl'}  (TensorBoard: {run_dir / 'tensorboard'})")
+    print(
+        f"  metrics:        {run_dir / 'metrics.jsonl'}  (TensorBoard: {run_dir / 'tensorboard'})"
+    )
     print(f"  checkpoints:    {run_dir / 'checkpoints'}")
     if result.encoder_path:
         print(f"  encoder (timm): {result.encoder_path}")

@@ -195,7 +195,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(getattr(err, "msg", "") or err).splitlines()[0]
-    if "not in" in msg or "Key '" in msg and "not" in msg:
+    if "not in" in msg or ("Key '" in msg and "not" in msg):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return f"{source}: unknown key '{key}'" + (f" (not a key of '{parent}')" if parent else "")
     return f"{source}: bad value for '{key}': {msg}"
@@ -329,7 +329,9 @@ def validate(cfg: PretrainConfig) -> None:
     for key in ("mean", "std"):
         value = getattr(d, key)
         if value is not None and len(value) != m.in_chans:
-            _fail(f"data.{key}", value, f"needs one value per channel (model.in_chans={m.in_chans})")
+            _fail(
+                f"data.{key}", value, f"needs one value per channel (model.in_chans={m.in_chans})"
+            )
     if d.std is not None and any(s <= 0 for s in d.std):
         _fail("data.std", d.std, "every value must be positive")
     lo_hi = d.crop_scale
@@ -344,7 +346,9 @@ def validate(cfg: PretrainConfig) -> None:
     if o.name != "adamw":
         _fail("optim.name", o.name, "one of ['adamw']")
     _positive("optim.base_lr", o.base_lr)
-    _positive("optim.lr", o.lr)
+    _positive("optim.accum_steps", o.accum_steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("optim.lr", o.lr)  # derived from the three above when not given
     if o.min_lr < 0 or o.min_lr > o.lr:
         _fail("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr:g}]")
     if o.weight_decay < 0:
@@ -356,10 +360,8 @@ def validate(cfg: PretrainConfig) -> None:
         _fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
     if o.clip_grad is not None:
         _positive("optim.clip_grad", o.clip_grad)
-    _positive("optim.accum_steps", o.accum_steps)
 
     _positive("train.epochs", t.epochs)
-    _positive("train.batch_size", t.batch_size)
     if t.max_steps is not None:
         _positive("train.max_steps", t.max_steps)
     if t.precision not in ("fp32", "bf16"):
@@ -379,7 +381,11 @@ def validate(cfg: PretrainConfig) -> None:
         for key in ("train_root", "test_root"):
             root = getattr(knn, key)
             if root is None or not Path(root).is_dir():
-                _fail(f"eval.knn.{key}", root, "a folder of class subfolders (k-NN on data.name=folder)")
+                _fail(
+                    f"eval.knn.{key}",
+                    root,
+                    "a folder of class subfolders (k-NN on data.name=folder)",
+                )
     for key in ("train_samples", "test_samples"):
         if getattr(knn, key) is not None:
             _positive(f"eval.knn.{key}", getattr(knn, key))

@@ -16,7 +16,9 @@ __all__ = ["Mask", "num_visible", "random_masking"]
 class Mask(NamedTuple):
     mask: torch.Tensor  # (B, N) bool, True = masked
     ids_keep: torch.Tensor  # (B, K) long, indices of visible patches, in shuffled order
-    ids_restore: torch.Tensor  # (B, N) long, undoes the shuffle: x_full = gather(x_shuf, ids_restore)
+    ids_restore: (
+        torch.Tensor
+    )  # (B, N) long, undoes the shuffle: x_full = gather(x_shuf, ids_restore)
 
 
 def num_visible(num_patches: int, ratio: float) -> int:
@@ -43,7 +45,9 @@ def random_masking(
     if noise is None:
         noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
     elif noise.shape != (batch_size, num_patches):
-        raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}"
+        )
     keep = num_visible(num_patches, ratio)
     ids_shuffle = torch.argsort(noise, dim=1)  # (B, N) ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, N)

@@ -22,12 +22,14 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None):
+def unpatchify(
+    x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int] | None = None
+):
     """(B, N, p*p*C) -> (B, C, H, W); ``grid`` = (h, w) patches, square when omitted."""
     b, n, _ = x.shape
     p = patch_size
     if grid is None:
-        side = int(round(n**0.5))
+        side = round(n**0.5)
         if side * side != n:
             raise ValueError(f"{n} patches do not form a square grid; pass grid=(h, w)")
         grid = (side, side)

@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from mimkit.models.mae import MAE  # noqa: E402
-from mimkit.targets import denormalize_patches, patchify, unpatchify  # noqa: E402
+from mimkit.models.mae import MAE
+from mimkit.targets import denormalize_patches, patchify, unpatchify
 
 __all__ = ["mae_reconstruction_panels", "save_reconstruction_figure"]
 

@@ -29,7 +29,7 @@ __all__ = [
 def build_dataset(
     cfg: DataConfig, *, img_size: int, channels: int, split: str | None = None
 ) -> Dataset:
-    """The raw dataset (uint8 images, int labels) named by ``cfg``; ``split`` overrides cfg.split."""
+    """The raw dataset (uint8 images, int labels) of ``cfg``; ``split`` overrides cfg.split."""
     split = split or cfg.split
     if cfg.name == "fashion_mnist":
         return FashionMNIST(cfg.root, split, cfg.max_samples if split == cfg.split else None)

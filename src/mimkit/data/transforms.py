@@ -69,7 +69,9 @@ class PretrainTransform:
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 (C, H, W) -> normalized float (C, S, S)."""
-        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, self.ratio, generator)
+        top, left, h, w = crop_params(
+            img.shape[-2], img.shape[-1], self.scale, self.ratio, generator
+        )
         x = TF.to_dtype(img, torch.float32, scale=True)
         x = TF.resized_crop(
             x, top, left, h, w, [self.img_size, self.img_size],
@@ -89,6 +91,8 @@ class EvalTransform:
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = TF.to_dtype(img, torch.float32, scale=True)
         if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            x = TF.resize(x, [self.img_size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = TF.resize(
+                x, [self.img_size], interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
             x = TF.center_crop(x, [self.img_size, self.img_size]).clamp(0, 1)
         return TF.normalize(x, self.mean, self.std)

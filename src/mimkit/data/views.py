@@ -22,7 +22,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class AugmentedView(Dataset):
-    """``(transform(image, generator), label)`` with the generator seeded by (seed, epoch, index)."""
+    """``(transform(image, generator), label)`` generator seeded by (seed, epoch, index)."""
 
     def __init__(self, base: Dataset, transform: Callable, *, seed: int = 0) -> None:
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0

@@ -35,7 +35,9 @@ def _stringify(metadata: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
-def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+def save_weights(
+    path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
     """Write a safetensors file atomically (temporary file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -80,7 +82,7 @@ def save_checkpoint(
     train_state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Write ``ckpt-{step:08d}/`` atomically, point ``latest`` at it, keep the newest ``keep_last``."""
+    """Write ``ckpt-{step:08d}/`` atomically, point ``latest`` at it, keep ``keep_last``."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}"
@@ -110,7 +112,9 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    return path if (path / "model.safetensors").is_file() and (path / "state.pt").is_file() else None
+    return (
+        path if (path / "model.safetensors").is_file() and (path / "state.pt").is_file() else None
+    )
 
 
 def load_train_state(ckpt_dir: str | Path, map_location: str = "cpu") -> dict[str, Any]:

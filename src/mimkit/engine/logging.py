@@ -1,4 +1,4 @@
-"""Run logging: ``metrics.jsonl`` (one JSON object per record) and TensorBoard scalars, rank 0 only."""
+"""Run logging: ``metrics.jsonl`` (a JSON object per record) and TensorBoard scalars, rank 0."""
 
 from __future__ import annotations
 

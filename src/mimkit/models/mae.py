@@ -59,7 +59,9 @@ class MAE(nn.Module):
             torch.zeros(1, encoder.num_patches + 1, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            Block(
+                decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm
+            )
             for _ in range(decoder_depth)
         )
         self.decoder_norm = LayerNorm(decoder_embed_dim)
@@ -68,7 +70,9 @@ class MAE(nn.Module):
 
     def _init_decoder(self) -> None:
         with torch.no_grad():
-            emb = sincos_2d(self.decoder_pos_embed.shape[-1], self.encoder.grid_size, cls_token=True)
+            emb = sincos_2d(
+                self.decoder_pos_embed.shape[-1], self.encoder.grid_size, cls_token=True
+            )
             self.decoder_pos_embed.copy_(emb[None])
         nn.init.normal_(self.mask_token, std=0.02)
         for name, module in self.named_modules():
@@ -101,7 +105,9 @@ class MAE(nn.Module):
         return MAEOutput(pred=self.decode(latent, mask), mask=mask, latent=latent)
 
     def loss(self, imgs: torch.Tensor, out: MAEOutput) -> torch.Tensor:
-        return mae_loss(out.pred, imgs, out.mask, self.encoder.patch_size, norm_pix=self.norm_pix_loss)
+        return mae_loss(
+            out.pred, imgs, out.mask, self.encoder.patch_size, norm_pix=self.norm_pix_loss
+        )
 
     def no_weight_decay(self) -> set[str]:
         enc = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -111,7 +117,7 @@ class MAE(nn.Module):
 def mae_loss(
     pred: torch.Tensor, imgs: torch.Tensor, mask: Mask, patch_size: int, *, norm_pix: bool
 ) -> torch.Tensor:
-    """MSE between predicted and true (optionally per-patch normalized) pixels, masked patches only."""
+    """MSE between predicted and true (optionally norm-pix) pixels, on masked patches only."""
     return masked_mse(pred, pixel_target(imgs, patch_size, norm_pix=norm_pix), mask.mask)
 
 

@@ -72,7 +72,14 @@ class VisionTransformer(nn.Module):
         )
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=r, norm_layer=LayerNorm)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=r,
+                norm_layer=LayerNorm,
+            )
             for r in rates
         )
         self.norm = LayerNorm(embed_dim)
@@ -108,7 +115,7 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int] | tuple[int, ...], *, norm: bool = False
     ) -> list[torch.Tensor]:
-        """Token outputs (B, 1+N, D) of the blocks in ``indices`` (0-based; negative from the end)."""
+        """Token outputs (B, 1+N, D) of the blocks in ``indices`` (0-based, negative from the end)."""
         wanted = {i % self.depth for i in indices}
         out: dict[int, torch.Tensor] = {}
         x = self.embed(x)

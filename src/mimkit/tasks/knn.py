@@ -89,8 +89,12 @@ def knn_evaluate(
     device: torch.device | str = "cpu",
 ) -> KnnResult:
     """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features."""
-    tr_f, tr_y = extract_features(encoder, train_set, pool=pool, batch_size=batch_size, device=device)
-    te_f, te_y = extract_features(encoder, test_set, pool=pool, batch_size=batch_size, device=device)
+    tr_f, tr_y = extract_features(
+        encoder, train_set, pool=pool, batch_size=batch_size, device=device
+    )
+    te_f, te_y = extract_features(
+        encoder, test_set, pool=pool, batch_size=batch_size, device=device
+    )
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
     top1 = 100.0 * (pred == te_y).float().mean().item()
     return KnnResult(top1, k, temperature, pool, len(tr_f), len(te_f))

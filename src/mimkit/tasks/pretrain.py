@@ -218,7 +218,9 @@ def evaluate_knn(
         views.append(AugmentedView(base, tf, seed=cfg.run.seed))
     torch.manual_seed(cfg.run.seed)
     random_encoder = build_encoder(m).to(device)
-    opts = dict(k=k.k, temperature=k.temperature, pool=k.pool, batch_size=k.batch_size, device=device)
+    opts = dict(
+        k=k.k, temperature=k.temperature, pool=k.pool, batch_size=k.batch_size, device=device
+    )
     return {
         "pretrained": knn_evaluate(encoder, *views, **opts),
         "random_init": knn_evaluate(random_encoder, *views, **opts),

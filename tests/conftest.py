@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mimkit.config import PretrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "pretrain" / "mae_vit_tiny_fmnist.yaml"
+
+
+def tiny_overrides(run_dir: Path, **extra) -> list[str]:
+    """A seconds-long MAE run on the synthetic dataset."""
+    values = {
+        "run.dir": str(run_dir),
+        "data.name": "synthetic",
+        "data.synthetic_size": 64,
+        "model.arch": "custom",
+        "model.img_size": 16,
+        "model.patch_size": 4,
+        "model.in_chans": 3,
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "model.decoder.embed_dim": 32,
+        "model.decoder.depth": 1,
+        "model.decoder.num_heads": 2,
+        "optim.warmup_epochs": 1,
+        "optim.base_lr": 1e-3,
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.log_every_steps": 2,
+        "eval.knn.enabled": False,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> PretrainConfig:
+    return load_config(DEMO, tiny_overrides(tmp_path / "run"))

@@ -1,0 +1,131 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimkit.config import ConfigError, load_config
+from tests.conftest import DEMO, ROOT, tiny_overrides
+
+RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(recipe, tmp_path):
+    cfg = load_config(recipe, [f"data.root={tmp_path}", f"run.dir={tmp_path / 'r'}"])
+    assert cfg.optim.lr > 0 and cfg.model.embed_dim % cfg.model.num_heads == 0
+
+
+def test_mae_paper_recipes():
+    cfg = load_config(ROOT / "configs/pretrain/mae_vit_large_in1k.yaml", ["data.root=/"])
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (1024, 24, 16)
+    eff = cfg.train.batch_size * cfg.optim.accum_steps
+    assert eff == 4096
+    assert cfg.optim.lr == pytest.approx(1.5e-4 * 4096 / 256)
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
+    assert cfg.optim.warmup_epochs == 40 and cfg.mask.ratio == 0.75 and cfg.target.norm_pix
+    assert (cfg.model.decoder.depth, cfg.model.decoder.embed_dim) == (8, 512)
+    huge = load_config(ROOT / "configs/pretrain/mae_vit_huge_in1k.yaml", ["data.root=/"])
+    assert huge.model.patch_size == 14 and huge.model.embed_dim == 1280
+
+
+def test_overrides_and_derived_lr(tmp_path):
+    cfg = load_config(DEMO, tiny_overrides(tmp_path, **{"optim.lr": 0.01}))
+    assert cfg.optim.lr == 0.01
+    cfg = load_config(DEMO, tiny_overrides(tmp_path, **{"optim.accum_steps": 4}))
+    assert cfg.optim.lr == pytest.approx(1e-3 * 8 * 4 / 256)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("mask.ratio=1.0", "mask.ratio=1.0 is not allowed: must be in the open interval (0, 1)"),
+        ("mask.ratio=0", "mask.ratio=0.0 is not allowed"),
+        (
+            "model.img_size=30",
+            "model.img_size=30 is not allowed: must be divisible by model.patch_size=4",
+        ),
+        (
+            "model.embed_dim=33",
+            "model.embed_dim=33 is not allowed: must be divisible by model.num_heads=2",
+        ),
+        ("optim.lr=-1", "optim.lr=-1.0 is not allowed: must be a positive number"),
+        ("optim.base_lr=0", "optim.base_lr=0.0 is not allowed"),
+        ("train.batch_size=0", "train.batch_size=0 is not allowed: must be a positive number"),
+        ("train.foo=1", "unknown key 'train.foo'"),
+        ("trian.epochs=1", "unknown key 'trian"),
+        ("train.epochs=abc", "bad value for 'train.epochs'"),
+        ("data.name=folder", "data.root="),
+        ("train.precision=fp8", "train.precision='fp8' is not allowed"),
+        ("train.epochs", "is not of the form key.sub=value"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(tmp_path, override, needle):
+    args = tiny_overrides(tmp_path)
+    if override.startswith("data.name=folder"):
+        args += ["data.root=/does/not/exist"]
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [*args, override])
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_data_path_and_file_errors(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"data.root='/nope' is not allowed: the path does not exist"
+    ):
+        load_config(DEMO, ["data.root=/nope"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  widht: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'model.widht'"):
+        load_config(unknown)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("run: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(tagged)
+
+
+def test_resolved_config_round_trips(tmp_path, tiny_cfg):
+    from mimkit.config import save_config
+
+    save_config(tiny_cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == tiny_cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["optim"]["lr"] == tiny_cfg.optim.lr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train.foo=1"], "unknown key 'train.foo'"),
+        (["data.root=/missing/path"], "data.root='/missing/path' is not allowed"),
+        (["mask.ratio=2"], "mask.ratio=2.0 is not allowed"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(tmp_path, args, needle):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimkit.cli", "pretrain", "-c", str(DEMO), *args],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert not (Path(tmp_path) / "runs").exists()  # nothing was started
+
+
+def test_cli_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mimkit.cli", "pretrain", "-c", str(bad)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "malformed YAML" in proc.stderr

@@ -1,0 +1,123 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimkit.config import load_config
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.optim import cosine_lr, param_groups
+from mimkit.models import build_mae
+from mimkit.tasks.pretrain import run_pretrain
+from tests.conftest import DEMO, tiny_overrides
+
+
+def test_cosine_schedule():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert cosine_lr(0, **kw) == 0.0
+    assert cosine_lr(5, **kw) == 0.5
+    assert cosine_lr(10, **kw) == 1.0
+    assert cosine_lr(60, **kw) == pytest.approx(0.55)
+    assert cosine_lr(110, **kw) == pytest.approx(0.1)
+    assert cosine_lr(500, **kw) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_tokens(tiny_cfg):
+    model = build_mae(tiny_cfg)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "decoder_pred.bias"} <= exempt
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed
+    all_names = exempt | decayed
+    assert "encoder.pos_embed" not in all_names  # frozen sin-cos
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_checkpoint_atomic_layout_and_rotation(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(
+            tmp_path, step, weights={"w": torch.full((2,), float(step))},
+            metadata={"method": "mae", "step": step}, train_state={"step": step}, keep_last=2,
+        )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "ckpt-00000003"
+    weights, meta = ckpt.load_weights(latest / "model.safetensors")
+    assert weights["w"][0] == 3 and meta == {"method": "mae", "step": 3}
+    assert ckpt.load_train_state(latest) == {"step": 3}
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _train_losses(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _run(tmp_path, name, resume=False, **extra):
+    args = tiny_overrides(tmp_path / name, **{"run.deterministic": True, **extra})
+    return run_pretrain(load_config(DEMO, args), resume=resume)
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    # 2 epochs x 8 steps; the stop falls mid-epoch (step 5) and the schedule follows train.epochs
+    straight = _run(tmp_path, "a", **{"train.max_steps": 12})
+    _run(tmp_path, "b", **{"train.max_steps": 5})
+    resumed = _run(tmp_path, "b", resume=True, **{"train.max_steps": 12})
+    assert straight.train.step == resumed.train.step == 12
+    a = load_file(str(ckpt.latest_checkpoint(tmp_path / "a" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "a" / "checkpoints"))
+    sb = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    for x, y in zip(
+        sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(
+            x["exp_avg_sq"], y["exp_avg_sq"]
+        )
+    # losses logged after the resume equal the straight run's at the same steps
+    la, lb = (_train_losses(tmp_path / n / "metrics.jsonl") for n in ("a", "b"))
+    assert set(la) <= set(lb) and all(la[s] == lb[s] for s in la)  # b also logged its stop (5)
+
+
+def test_resume_refuses_changed_config_and_fresh_run_refuses_existing(tmp_path):
+    from mimkit.config import ConfigError
+
+    _run(tmp_path, "c", **{"train.max_steps": 2})
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        _run(tmp_path, "c", **{"train.max_steps": 2})
+    with pytest.raises(ConfigError, match=r"optim\.base_lr"):
+        _run(tmp_path, "c", resume=True, **{"optim.base_lr": 0.5})
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        _run(tmp_path, "d", resume=True)
+
+
+def test_run_directory_contract(tmp_path):
+    res = _run(tmp_path, "e", **{"eval.knn.enabled": True, "eval.knn.k": 5})
+    run = tmp_path / "e"
+    assert (run / "config.yaml").is_file() and (run / "figures" / "reconstruction.png").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} <= {r["kind"] for r in rows}
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    meta = ckpt.read_metadata(run / "encoder.safetensors")
+    assert (
+        meta["method"] == "mae" and meta["target"] == "norm_pixels" and meta["mask_ratio"] == 0.75
+    )
+    assert meta["img_size"] == 16 and meta["patch_size"] == 4 and meta["includes_decoder"] is False
+    assert len(meta["mean"]) == 3 and meta["step"] == res.train.step == 16
+    full = ckpt.read_metadata(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors")
+    assert full["includes_decoder"] is True and full["step"] == 16
+    assert set(res.knn) == {"pretrained", "random_init"}
+    assert json.loads((run / "eval.json").read_text())["knn"]["pretrained"]["k"] == 5
+
+
+def test_non_finite_loss_stops_before_the_step(tmp_path):
+    from mimkit.engine.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        _run(tmp_path, "f", **{"optim.lr": 1e30, "optim.warmup_epochs": 0})
