@@ -115,7 +115,7 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int] | tuple[int, ...], *, norm: bool = False
     ) -> list[torch.Tensor]:
-        """Token outputs (B, 1+N, D) of the blocks in ``indices`` (0-based, negative from the end)."""
+        """Token outputs (B, 1+N, D) of blocks ``indices`` (0-based, negative from the end)."""
         wanted = {i % self.depth for i in indices}
         out: dict[int, torch.Tensor] = {}
         x = self.embed(x)
