@@ -121,3 +121,50 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         _run(tmp_path, "f", **{"optim.lr": 1e30, "optim.warmup_epochs": 0})
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
+    from mimkit.engine.trainer import StepOutput
+
+    torch.manual_seed(0)
+    model = build_mae(tiny_cfg)
+    x, noise = torch.randn(8, 3, 16, 16), torch.rand(8, 16)
+
+    def grads(chunks):
+        model.zero_grad()
+        for xs, ns in zip(x.chunk(chunks), noise.chunk(chunks), strict=True):
+            out = model(xs, noise=ns)
+            StepOutput(model.loss(xs, out), {}).loss.div(chunks).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(1), grads(2), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_accumulation_bf16_drop_path_and_clipping_run(tmp_path):
+    res = _run(
+        tmp_path,
+        "g",
+        **{
+            "optim.accum_steps": 2,
+            "train.precision": "bf16",
+            "model.drop_path": 0.1,
+            "optim.clip_grad": 1.0,
+            "run.deterministic": False,
+        },
+    )
+    assert res.train.step == 2 * (64 // 16)  # 2 epochs of 4 optimizer steps
+    assert math.isfinite(res.train.loss)
+
+
+def test_pretrain_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(16):
+        arr = (torch.rand(20 + i, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    res = _run(tmp_path, "h", **{"data.name": "folder", "data.root": str(folder)})
+    assert res.train.step == 4 and (tmp_path / "h" / "encoder.safetensors").is_file()

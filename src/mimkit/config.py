@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 __all__ = [
     "VIT_PRESETS",
@@ -63,8 +63,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | folder | synthetic
-    root: str = "/usr/share/datasets/fashion-mnist"
+    name: str = "folder"  # fashion_mnist | folder | synthetic
+    root: str = "data/train"  # fashion_mnist: the folder of its four IDX files
     split: str = "train"  # fashion_mnist: train | test
     max_samples: int | None = None  # use the first N samples (smoke runs)
     mean: list[float] | None = None  # null: the dataset's own statistics
@@ -195,10 +195,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(getattr(err, "msg", "") or err).splitlines()[0]
-    if "not in" in msg or ("Key '" in msg and "not" in msg):
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return f"{source}: unknown key '{key}'" + (f" (not a key of '{parent}')" if parent else "")
     return f"{source}: bad value for '{key}': {msg}"
+
+
+def _check_shape(data: Any, schema: type, source: str, prefix: str = "") -> None:
+    """Sections must be mappings and list-valued keys lists, before OmegaConf sees the data."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the recipe"
+        raise ConfigError(f"{source}: '{where}' must be a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        f = fields.get(key)
+        if f is None:
+            continue  # OmegaConf reports unknown keys with their full name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            _check_shape(value, type(default), source, f"{prefix}{key}.")
+        elif "list" in str(f.type) and value is not None and not isinstance(value, list):
+            raise ConfigError(f"{source}: bad value for '{prefix}{key}': {value!r} is not a list")
 
 
 def load_config(
@@ -216,7 +233,9 @@ def load_config(
     source = str(path) if path is not None else "<defaults>"
     try:
         if path is not None:
-            base = OmegaConf.merge(base, OmegaConf.create(_read_yaml(Path(path))))
+            data = _read_yaml(Path(path))
+            _check_shape(data, schema, source)
+            base = OmegaConf.merge(base, OmegaConf.create(data))
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err, source)) from None
     for item in overrides:
@@ -224,7 +243,9 @@ def load_config(
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         key = item.split("=", 1)[0]
         try:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+            patch = OmegaConf.from_dotlist([item])
+            _check_shape(OmegaConf.to_container(patch), schema, f"override '{key}'")
+            base = OmegaConf.merge(base, patch)
         except OmegaConfBaseException as err:
             raise ConfigError(_omegaconf_message(err, f"override '{key}'")) from None
         except yaml.YAMLError:

@@ -6,11 +6,13 @@ Convention (all of mimkit): ``mask`` is boolean over *patch tokens only* (never 
 
 from __future__ import annotations
 
+import math
+import random
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["Mask", "num_visible", "random_masking"]
+__all__ = ["Mask", "blockwise_mask", "mask_from_bool", "num_visible", "random_masking"]
 
 
 class Mask(NamedTuple):
@@ -56,3 +58,78 @@ def random_masking(
     shuffled[:, :keep] = False
     mask = torch.gather(shuffled, 1, ids_restore)  # (B, N) back in patch order
     return Mask(mask=mask, ids_keep=ids_keep, ids_restore=ids_restore)
+
+
+def blockwise_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    *,
+    min_block: int = 4,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+    rng: random.Random | int | None = None,
+) -> torch.Tensor:
+    """Blockwise masking, Algorithm 1 of the BEiT paper, as the official generator does it.
+
+    Repeat: draw a block area s ~ U(min_block, remaining budget) (capped by ``max_block``), an
+    aspect ratio r log-uniform in (min_aspect, max_aspect = 1 / min_aspect), side lengths
+    a = round(sqrt(s * r)) rows and b = round(sqrt(s / r)) columns, and a random top-left corner;
+    the block is kept when it adds between 1 and the remaining budget of new patches (10 tries per
+    block). Until ``num_masked`` patches are masked. If the blocks stall before that (small grids),
+    the remainder is topped up with random unmasked patches, so the count is always exact.
+
+    Returns a (h, w) bool tensor, True = masked. ``rng`` is a ``random.Random`` or a seed.
+    """
+    h, w = grid
+    total = h * w
+    if not 0 < num_masked < total:
+        raise ValueError(f"num_masked must be in (0, {total}) for a {h}x{w} grid, got {num_masked}")
+    if min_block < 1:
+        raise ValueError(f"min_block must be >= 1, got {min_block}")
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    max_block = num_masked if max_block is None else max_block
+    max_aspect = max_aspect or 1 / min_aspect
+    log_lo, log_hi = math.log(min_aspect), math.log(max_aspect)
+    mask = [[False] * w for _ in range(h)]
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, budget)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            a = round(math.sqrt(area * aspect))  # rows
+            b = round(math.sqrt(area / aspect))  # columns
+            if not (a < h and b < w):  # strictly inside the grid, as the official code
+                continue
+            top, left = rng.randint(0, h - a), rng.randint(0, w - b)
+            new = [
+                (i, j) for i in range(top, top + a) for j in range(left, left + b) if not mask[i][j]
+            ]
+            if 0 < len(new) <= budget:
+                for i, j in new:
+                    mask[i][j] = True
+                added = len(new)
+                break
+        if added == 0:
+            break
+        count += added
+    if count < num_masked:  # top up (BEiT v2 / BEiT-3 generators keep the count fixed likewise)
+        free = [(i, j) for i in range(h) for j in range(w) if not mask[i][j]]
+        for i, j in rng.sample(free, num_masked - count):
+            mask[i][j] = True
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def mask_from_bool(mask: torch.Tensor) -> Mask:
+    """A :class:`Mask` from a (B, N) bool mask with the same count per row (visible first)."""
+    b, n = mask.shape
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every sample must mask the same number of patches")
+    # stable sort puts visible (False) before masked (True), each in patch order
+    ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, N)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    keep = n - int(counts[0])
+    return Mask(mask=mask, ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore)

@@ -15,6 +15,8 @@ from mimkit.targets import denormalize_patches, patchify, unpatchify
 
 __all__ = ["mae_reconstruction_panels", "save_reconstruction_figure"]
 
+MASK_COLOR = torch.tensor([0.29, 0.44, 0.65])  # a muted blue, unlike any grayscale pixel
+
 
 @torch.no_grad()
 def mae_reconstruction_panels(
@@ -66,14 +68,13 @@ def save_reconstruction_figure(
     rows, cols = imgs.shape[0], len(panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
     for j, (name, batch) in enumerate(panels.items()):
-        pics = (batch.cpu().float() * s + m).clamp(0, 1)  # NaN (masked) stays NaN -> blank
+        pics = (batch.cpu().float() * s + m).clamp(0, 1)  # NaN (masked) stays NaN
         for i in range(rows):
             ax = axes[i][j]
-            pic = pics[i].permute(1, 2, 0).numpy()
-            if pic.shape[-1] == 1:
-                ax.imshow(pic[..., 0], cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(pic)
+            pic = pics[i].permute(1, 2, 0).expand(-1, -1, 3)  # (H, W, 3), gray repeated
+            hidden = pic.isnan().any(-1, keepdim=True)
+            pic = torch.where(hidden, MASK_COLOR, pic)  # masked patches in a colour of their own
+            ax.imshow(pic.numpy(), vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

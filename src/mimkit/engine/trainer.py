@@ -8,6 +8,7 @@ schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,15 +159,17 @@ class Trainer:
         model, cfg, accum = self.task.model, self.cfg, self.optim_cfg.accum_steps
         model.train()
         show = is_main()
+        interactive = show and sys.stderr.isatty()  # a progress bar on a terminal, lines otherwise
         bar = tqdm(
             total=self.max_steps,
             initial=self.step,
             desc="pretrain",
-            disable=not show,
+            disable=not interactive,
             dynamic_ncols=True,
             mininterval=1.0,
         )
         last_loss, t0, seen = math.nan, time.perf_counter(), 0
+        last_line = time.perf_counter()
         history: list[dict] = []
         while self.epoch < cfg.epochs and self.step < self.max_steps:
             self.data.set_epoch(self.epoch)
@@ -199,6 +202,17 @@ class Trainer:
                     self.logger.log(rec, step=self.step, prefix="train")
                     history.append({"step": self.step, **rec})
                     t0, seen = time.perf_counter(), 0
+                    if (
+                        show
+                        and not interactive
+                        and (t0 - last_line >= 30 or self.step in (1, self.max_steps))
+                    ):
+                        last_line = t0
+                        print(
+                            f"step {self.step}/{self.max_steps} epoch {self.epoch} "
+                            f"loss {last_loss:.4f} lr {lr:.2e} {rec['img_per_s']:.0f} img/s",
+                            flush=True,
+                        )
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=self.epoch)
                 if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
