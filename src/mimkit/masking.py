@@ -124,7 +124,7 @@ def blockwise_mask(
 
 def mask_from_bool(mask: torch.Tensor) -> Mask:
     """A :class:`Mask` from a (B, N) bool mask with the same count per row (visible first)."""
-    b, n = mask.shape
+    n = mask.shape[1]
     counts = mask.sum(1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("every sample must mask the same number of patches")
