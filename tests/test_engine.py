@@ -112,7 +112,7 @@ def test_run_directory_contract(tmp_path):
     assert len(meta["mean"]) == 3 and meta["step"] == res.train.step == 16
     full = ckpt.read_metadata(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors")
     assert full["includes_decoder"] is True and full["step"] == 16
-    assert set(res.knn) == {"pretrained", "random_init"}
+    assert set(res.knn) == {"pretrained", "random_init", "raw_pixels"}
     assert json.loads((run / "eval.json").read_text())["knn"]["pretrained"]["k"] == 5
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.models.vit import VisionTransformer
 
-__all__ = ["KnnResult", "extract_features", "knn_evaluate", "knn_predict"]
+__all__ = ["KnnResult", "extract_features", "knn_evaluate", "knn_evaluate_pixels", "knn_predict"]
 
 
 @torch.no_grad()
@@ -98,3 +98,19 @@ def knn_evaluate(
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
     top1 = 100.0 * (pred == te_y).float().mean().item()
     return KnnResult(top1, k, temperature, pool, len(tr_f), len(te_f))
+
+
+def knn_evaluate_pixels(
+    train_set: Dataset, test_set: Dataset, *, k: int = 20, temperature: float = 0.07
+) -> KnnResult:
+    """The same k-NN on flattened normalized pixels: the baseline a representation must beat."""
+
+    def flat(ds):
+        loader = DataLoader(ds, batch_size=1024, shuffle=False)
+        xs, ys = zip(*((x.flatten(1), torch.as_tensor(y)) for x, y in loader), strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    (tr_f, tr_y), (te_f, te_y) = flat(train_set), flat(test_set)
+    pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
+    top1 = 100.0 * (pred == te_y).float().mean().item()
+    return KnnResult(top1, k, temperature, "pixels", len(tr_f), len(te_f))

@@ -24,7 +24,7 @@ from mimkit.engine.distributed import is_main
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models import build_encoder, build_mae
 from mimkit.models.mae import MAE, from_official_layout, to_official_layout
-from mimkit.tasks.knn import KnnResult, knn_evaluate
+from mimkit.tasks.knn import KnnResult, knn_evaluate, knn_evaluate_pixels
 from mimkit.viz import save_reconstruction_figure
 
 __all__ = ["MAEPretrainTask", "PretrainResult", "pick_device", "run_pretrain"]
@@ -207,7 +207,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
 def evaluate_knn(
     cfg: PretrainConfig, encoder, *, mean: list[float], std: list[float], device: torch.device
 ) -> dict[str, KnnResult]:
-    """k-NN top-1 of the pretrained encoder and of the same architecture at random init."""
+    """k-NN top-1 of the pretrained encoder, the same ViT at random init, and raw pixels."""
     k, m = cfg.eval.knn, cfg.model
     tf = EvalTransform(m.img_size, mean, std)
     views = []
@@ -224,4 +224,5 @@ def evaluate_knn(
     return {
         "pretrained": knn_evaluate(encoder, *views, **opts),
         "random_init": knn_evaluate(random_encoder, *views, **opts),
+        "raw_pixels": knn_evaluate_pixels(*views, k=k.k, temperature=k.temperature),
     }
