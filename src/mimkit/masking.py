@@ -12,7 +12,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Mask", "blockwise_mask", "mask_from_bool", "num_visible", "random_masking"]
+__all__ = [
+    "Mask",
+    "MaskSampler",
+    "blockwise_mask",
+    "mask_from_bool",
+    "num_visible",
+    "random_masking",
+]
 
 
 class Mask(NamedTuple):
@@ -133,3 +140,33 @@ def mask_from_bool(mask: torch.Tensor) -> Mask:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     keep = n - int(counts[0])
     return Mask(mask=mask, ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore)
+
+
+class MaskSampler:
+    """Per-sample masks inside the data pipeline: ``sampler(generator) -> (N,) bool``.
+
+    ``strategy`` is "blockwise" (BEiT Algorithm 1) or "random" (uniform, same count). The
+    generator is the sample's own (seeded by seed, epoch, index), so masks are reproducible.
+    """
+
+    def __init__(
+        self, strategy: str, grid: tuple[int, int], num_masked: int, *, min_block: int = 16
+    ) -> None:
+        if strategy not in ("blockwise", "random"):
+            raise ValueError(f"mask strategy must be 'blockwise' or 'random', got {strategy!r}")
+        n = grid[0] * grid[1]
+        if not 0 < num_masked < n:
+            raise ValueError(f"num_masked must be in (0, {n}), got {num_masked}")
+        self.strategy, self.grid, self.num_masked = strategy, tuple(grid), num_masked
+        self.min_block = min(min_block, num_masked)  # a small grid cannot hold a large block
+
+    def __call__(self, generator: torch.Generator) -> torch.Tensor:
+        n = self.grid[0] * self.grid[1]
+        if self.strategy == "random":
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[torch.randperm(n, generator=generator)[: self.num_masked]] = True
+            return mask
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return blockwise_mask(
+            self.grid, self.num_masked, min_block=self.min_block, rng=random.Random(seed)
+        ).flatten()

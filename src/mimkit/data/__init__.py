@@ -7,11 +7,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config import DataConfig
 from mimkit.data.datasets import FashionMNIST, ImageFolder, SyntheticImages, read_idx
-from mimkit.data.transforms import EvalTransform, PretrainTransform
+from mimkit.data.transforms import BEiTTransform, EvalTransform, PretrainTransform
 from mimkit.data.views import AugmentedView, ResumableSampler, sample_seed
 
 __all__ = [
     "AugmentedView",
+    "BEiTTransform",
     "EvalTransform",
     "FashionMNIST",
     "ImageFolder",

@@ -96,3 +96,66 @@ class EvalTransform:
             )
             x = TF.center_crop(x, [self.img_size, self.img_size]).clamp(0, 1)
         return TF.normalize(x, self.mean, self.std)
+
+
+def _jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Colour jitter (brightness, contrast, and saturation for RGB) with factors ~ U(1 ± s)."""
+    if strength <= 0:
+        return x
+
+    def factor() -> float:
+        return 1.0 + (2 * torch.rand(1, generator=generator).item() - 1) * strength
+
+    x = TF.adjust_brightness(x, factor())
+    x = TF.adjust_contrast(x, factor())
+    if x.shape[0] == 3:
+        x = TF.adjust_saturation(x, factor())
+    return x.clamp(0, 1)
+
+
+class BEiTTransform:
+    """BEiT's two views of one crop, plus the sample's mask (BEiT Sec. 2.5 and Appendix).
+
+    One random resized crop (after colour jitter, before a flip) is resized twice: the patch view
+    for the ViT (``img_size``, bicubic, normalized) and the tokenizer view (``tokenizer_size``,
+    bicubic with antialiasing on tensors where the official code uses Lanczos on PIL images; in
+    [0, 1]). The mask comes from ``mask_fn(generator) -> (N,) bool`` so it is reproducible too.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        tokenizer_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        mask_fn,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+    ) -> None:
+        self.img_size, self.tokenizer_size = img_size, tokenizer_size
+        self.mean, self.std, self.mask_fn = list(mean), list(std), mask_fn
+        self.scale, self.ratio, self.hflip, self.color_jitter = (
+            tuple(scale),
+            tuple(ratio),
+            hflip,
+            color_jitter,
+        )
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator):
+        """uint8 (C, H, W) -> (patch view (C, S, S), tokenizer view (C, T, T), mask (N,) bool)."""
+        x = _jitter(TF.to_dtype(img, torch.float32, scale=True), self.color_jitter, generator)
+        top, left, h, w = crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio, generator)
+        if torch.rand(1, generator=generator).item() < self.hflip:
+            x = TF.horizontal_flip(x)
+            left = x.shape[-1] - left - w
+        views = []
+        for size in (self.img_size, self.tokenizer_size):
+            v = TF.resized_crop(
+                x, top, left, h, w, [size, size],
+                interpolation=InterpolationMode.BICUBIC, antialias=True,
+            )  # fmt: skip
+            views.append(v.clamp(0, 1))
+        return TF.normalize(views[0], self.mean, self.std), views[1], self.mask_fn(generator)

@@ -1,0 +1,139 @@
+"""Loading typed configs: YAML recipes + dotted overrides -> validated dataclasses.
+
+A recipe is a YAML mapping whose keys mirror a schema dataclass (:class:`PretrainConfig`,
+:class:`TokenizerConfig`). Overrides are dotlist items (``optim.lr=1e-3``) applied after the file.
+Loading goes through OmegaConf structured configs, which reject unknown keys and values of the
+wrong type; the schema's ``resolve()`` fills derived values and its ``validate()`` checks ranges
+and relations. Any problem becomes one :class:`ConfigError` whose message names the file, the key,
+the value and what is allowed. The config is not mutated afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+__all__ = ["ConfigError", "fail", "load_config", "positive", "save_config", "to_dict", "world_size"]
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or an override. ``str(err)`` is one line, meant to be printed."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        # safe_load: no Python tags, no arbitrary objects
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(getattr(err, "msg", "") or err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"{source}: unknown key '{key}'" + (f" (not a key of '{parent}')" if parent else "")
+    return f"{source}: bad value for '{key}': {msg}"
+
+
+def _check_shape(data: Any, schema: type, source: str, prefix: str = "") -> None:
+    """Sections must be mappings and list-valued keys lists, before OmegaConf sees the data."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the recipe"
+        raise ConfigError(f"{source}: '{where}' must be a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        f = fields.get(key)
+        if f is None:
+            continue  # OmegaConf reports unknown keys with their full name
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            _check_shape(value, type(default), source, f"{prefix}{key}.")
+        elif "list" in str(f.type) and value is not None and not isinstance(value, list):
+            raise ConfigError(f"{source}: bad value for '{prefix}{key}': {value!r} is not a list")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    schema: type | None = None,
+) -> Any:
+    """Load a recipe, apply dotlist ``overrides``, validate and resolve it.
+
+    Returns an instance of ``schema`` (by default :class:`PretrainConfig`) with presets and the
+    absolute learning rate filled in. Raises :class:`ConfigError` with a one-line message.
+    """
+    if schema is None:
+        from mimkit.config.pretrain import PretrainConfig
+
+        schema = PretrainConfig
+    base = OmegaConf.structured(schema)
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        if path is not None:
+            data = _read_yaml(Path(path))
+            _check_shape(data, schema, source)
+            base = OmegaConf.merge(base, OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err, source)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key = item.split("=", 1)[0]
+        try:
+            patch = OmegaConf.from_dotlist([item])
+            _check_shape(OmegaConf.to_container(patch), schema, f"override '{key}'")
+            base = OmegaConf.merge(base, patch)
+        except OmegaConfBaseException as err:
+            raise ConfigError(_omegaconf_message(err, f"override '{key}'")) from None
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': the value is not valid YAML") from None
+    try:
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err, source)) from None
+    if hasattr(cfg, "resolve"):
+        cfg.resolve()
+    cfg.validate()
+    return cfg
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def positive(key: str, value: float | int | None) -> None:
+    if value is None or not (value > 0) or (isinstance(value, float) and math.isinf(value)):
+        fail(key, value, "must be a positive number")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run directory's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

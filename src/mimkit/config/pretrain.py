@@ -1,0 +1,336 @@
+"""The pretraining config tree (MAE and BEiT) with its derived values and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mimkit.config.core import fail, positive, world_size
+
+__all__ = [
+    "VIT_PRESETS",
+    "DataConfig",
+    "DecoderConfig",
+    "EvalConfig",
+    "KnnConfig",
+    "MaskConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "RunConfig",
+    "TargetConfig",
+    "TokenizerRef",
+    "TrainConfig",
+    "resolve",
+    "validate",
+]
+
+VIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise resume on CPU
+
+
+@dataclass
+class DataConfig:
+    name: str = "folder"  # fashion_mnist | folder | synthetic
+    root: str = "data/train"  # fashion_mnist: the folder of its four IDX files
+    split: str = "train"  # fashion_mnist: train | test
+    max_samples: int | None = None  # use the first N samples (smoke runs)
+    mean: list[float] | None = None  # null: the dataset's own statistics
+    std: list[float] | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: float = 0.5
+    num_workers: int = 0
+    synthetic_size: int = 256  # number of images of the synthetic dataset
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+
+
+@dataclass
+class ModelConfig:
+    method: str = "mae"  # mae: visible tokens only + decoder | beit: full sequence + mask token
+    arch: str = "vit_base"  # a key of VIT_PRESETS or "custom"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int | None = None  # null: from the preset
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # MAE only
+    # BEiT only
+    layer_scale: float | None = 0.1  # initial layer-scale value; null disables
+    rel_pos_bias: str = "shared"  # shared (pretraining) | per_layer | none
+    abs_pos_emb: bool = False
+
+
+@dataclass
+class MaskConfig:
+    strategy: str = "random"  # random (MAE) | blockwise (BEiT Algorithm 1)
+    ratio: float = 0.75  # fraction masked; blockwise uses num_masked when given
+    num_masked: int | None = None  # blockwise: patches masked per image (BEiT: 75 of 196)
+    min_block: int = 16  # blockwise: minimum block area in patches (16 for a 14x14 grid)
+
+
+@dataclass
+class TargetConfig:
+    kind: str = "pixels"  # pixels | tokens (visual tokens of a tokenizer; BEiT)
+    norm_pix: bool = True  # per-patch normalized pixels (MAE Sec. 4, "w/ norm")
+    loss_on: str = "masked"  # masked | all ("recover 100% visual tokens", BEiT Table 4)
+
+
+@dataclass
+class TokenizerRef:
+    checkpoint: str | None = None  # a tokenizer .safetensors (mimkit tokenizer train / convert)
+    img_size: int | None = None  # the tokenizer view; null: what the tokenizer was trained on
+    color_jitter: float = 0.4  # applied to both views (BEiT), brightness/contrast for grayscale
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    base_lr: float = 1.5e-4  # lr = base_lr * effective batch / 256 when lr is null
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_epochs: float = 40.0
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    batch_size: int = 64  # per process, per micro-step
+    max_steps: int | None = None  # stop after N optimizer steps; the schedule still follows epochs
+    precision: str = "fp32"  # fp32 | bf16
+    log_every_steps: int = 10
+    ckpt_every_epochs: int = 1
+    ckpt_every_steps: int | None = None
+    keep_last: int = 2
+    figure_every_epochs: int = 10
+
+
+@dataclass
+class KnnConfig:
+    enabled: bool = False
+    k: int = 20
+    temperature: float = 0.07
+    pool: str = "avg"  # avg | cls
+    train_samples: int | None = None  # null: the whole training split
+    test_samples: int | None = None
+    batch_size: int = 256
+    # image folders with class subfolders, required for k-NN when data.name is "folder"
+    train_root: str | None = None
+    test_root: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def resolve(self) -> None:
+        resolve(self)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+def resolve(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill derived values: ViT preset sizes and the absolute lr (base_lr * eff. batch / 256)."""
+    m = cfg.model
+    if m.arch in VIT_PRESETS:
+        width, depth, heads = VIT_PRESETS[m.arch]
+        m.embed_dim = width if m.embed_dim is None else m.embed_dim
+        m.depth = depth if m.depth is None else m.depth
+        m.num_heads = heads if m.num_heads is None else m.num_heads
+    if cfg.optim.lr is None and cfg.optim.base_lr > 0 and cfg.train.batch_size > 0:
+        eff = cfg.train.batch_size * max(cfg.optim.accum_steps, 1) * world_size()
+        cfg.optim.lr = cfg.optim.base_lr * eff / 256
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Check ranges and relations between values. Raises :class:`ConfigError` (one line)."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if m.method not in ("mae", "beit"):
+        fail("model.method", m.method, "one of ['mae', 'beit']")
+    if m.arch not in VIT_PRESETS and m.arch != "custom":
+        fail("model.arch", m.arch, f"one of {[*VIT_PRESETS, 'custom']}")
+    for key in ("embed_dim", "depth", "num_heads"):
+        if getattr(m, key) is None:
+            fail(f"model.{key}", None, "required when model.arch is 'custom'")
+        positive(f"model.{key}", getattr(m, key))
+    for key in ("img_size", "patch_size", "in_chans"):
+        positive(f"model.{key}", getattr(m, key))
+    if m.img_size % m.patch_size:
+        fail("model.img_size", m.img_size, f"must be divisible by model.patch_size={m.patch_size}")
+    if m.embed_dim % m.num_heads:
+        fail("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
+    if m.in_chans not in (1, 3):
+        fail("model.in_chans", m.in_chans, "1 (grayscale) or 3 (RGB)")
+    positive("model.mlp_ratio", m.mlp_ratio)
+    if not 0 <= m.drop_path < 1:
+        fail("model.drop_path", m.drop_path, "must be in [0, 1)")
+    dec = m.decoder
+    for key in ("embed_dim", "depth", "num_heads"):
+        positive(f"model.decoder.{key}", getattr(dec, key))
+    if dec.embed_dim % dec.num_heads:
+        fail(
+            "model.decoder.embed_dim",
+            dec.embed_dim,
+            f"must be divisible by model.decoder.num_heads={dec.num_heads}",
+        )
+
+    _validate_masking(cfg)
+
+    if d.name not in ("fashion_mnist", "folder", "synthetic"):
+        fail("data.name", d.name, "one of ['fashion_mnist', 'folder', 'synthetic']")
+    if d.name != "synthetic" and not Path(d.root).exists():
+        hint = (
+            " (install Debian's dataset-fashion-mnist, or point data.root at a folder with the four"
+            " Fashion-MNIST IDX files)"
+            if d.name == "fashion_mnist"
+            else ""
+        )
+        fail("data.root", d.root, f"the path does not exist{hint}")
+    if d.name == "fashion_mnist":
+        if d.split not in ("train", "test"):
+            fail("data.split", d.split, "one of ['train', 'test']")
+        if m.in_chans != 1:
+            fail("model.in_chans", m.in_chans, "Fashion-MNIST is grayscale: use 1")
+    if d.max_samples is not None:
+        positive("data.max_samples", d.max_samples)
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is not None and len(value) != m.in_chans:
+            fail(f"data.{key}", value, f"needs one value per channel (model.in_chans={m.in_chans})")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        fail("data.std", d.std, "every value must be positive")
+    lo_hi = d.crop_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        fail("data.crop_scale", lo_hi, "[min, max] with 0 < min <= max <= 1")
+    if not 0 <= d.hflip <= 1:
+        fail("data.hflip", d.hflip, "a probability in [0, 1]")
+    if d.num_workers < 0:
+        fail("data.num_workers", d.num_workers, "must be >= 0")
+    positive("data.synthetic_size", d.synthetic_size)
+
+    if o.name != "adamw":
+        fail("optim.name", o.name, "one of ['adamw']")
+    positive("optim.base_lr", o.base_lr)
+    positive("optim.accum_steps", o.accum_steps)
+    positive("train.batch_size", t.batch_size)
+    positive("optim.lr", o.lr)  # derived from the three above when not given
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        fail("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr:g}]")
+    if o.weight_decay < 0:
+        fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        fail("optim.betas", o.betas, "two numbers in [0, 1)")
+    positive("optim.eps", o.eps)
+    if o.warmup_epochs < 0:
+        fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    if o.clip_grad is not None:
+        positive("optim.clip_grad", o.clip_grad)
+
+    positive("train.epochs", t.epochs)
+    if t.max_steps is not None:
+        positive("train.max_steps", t.max_steps)
+    if t.precision not in ("fp32", "bf16"):
+        fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
+    for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
+        positive(f"train.{key}", getattr(t, key))
+    if t.ckpt_every_steps is not None:
+        positive("train.ckpt_every_steps", t.ckpt_every_steps)
+
+    knn = cfg.eval.knn
+    positive("eval.knn.k", knn.k)
+    positive("eval.knn.temperature", knn.temperature)
+    positive("eval.knn.batch_size", knn.batch_size)
+    if knn.pool not in ("avg", "cls"):
+        fail("eval.knn.pool", knn.pool, "one of ['avg', 'cls']")
+    if knn.enabled and d.name == "folder":
+        for key in ("train_root", "test_root"):
+            root = getattr(knn, key)
+            if root is None or not Path(root).is_dir():
+                fail(
+                    f"eval.knn.{key}",
+                    root,
+                    "a folder of class subfolders (k-NN on data.name=folder)",
+                )
+    for key in ("train_samples", "test_samples"):
+        if getattr(knn, key) is not None:
+            positive(f"eval.knn.{key}", getattr(knn, key))
+    if cfg.run.device not in ("auto", "cpu") and not cfg.run.device.startswith("cuda"):
+        fail("run.device", cfg.run.device, "auto, cpu, cuda or cuda:N")
+
+
+def _validate_masking(cfg: PretrainConfig) -> None:
+    m, mask, target = cfg.model, cfg.mask, cfg.target
+    strategies = ["random"] if m.method == "mae" else ["random", "blockwise"]
+    if mask.strategy not in strategies:
+        fail("mask.strategy", mask.strategy, f"one of {strategies} for model.method={m.method!r}")
+    if not 0 < mask.ratio < 1:
+        fail("mask.ratio", mask.ratio, "must be in the open interval (0, 1)")
+    num_patches = (m.img_size // m.patch_size) ** 2
+    if int(num_patches * (1 - mask.ratio)) < 1:
+        fail("mask.ratio", mask.ratio, f"leaves no visible patch out of {num_patches}")
+    if mask.num_masked is not None and not 0 < mask.num_masked < num_patches:
+        fail("mask.num_masked", mask.num_masked, f"must be in (0, {num_patches}) patches")
+    positive("mask.min_block", mask.min_block)
+    kinds = ["pixels"] if m.method == "mae" else ["tokens", "pixels"]
+    if target.kind not in kinds:
+        fail("target.kind", target.kind, f"one of {kinds} for model.method={m.method!r}")
+    regions = ["masked"] if m.method == "mae" else ["masked", "all"]
+    if target.loss_on not in regions:
+        fail("target.loss_on", target.loss_on, f"one of {regions} for model.method={m.method!r}")
+    if m.rel_pos_bias not in ("shared", "per_layer", "none"):
+        fail("model.rel_pos_bias", m.rel_pos_bias, "one of ['shared', 'per_layer', 'none']")
+    if m.layer_scale is not None:
+        positive("model.layer_scale", m.layer_scale)
+    tok = cfg.tokenizer
+    needs_tokenizer = m.method == "beit" and target.kind == "tokens"
+    if needs_tokenizer and (tok.checkpoint is None or not Path(tok.checkpoint).is_file()):
+        fail(
+            "tokenizer.checkpoint",
+            tok.checkpoint,
+            "a tokenizer .safetensors file (train one with `mimkit tokenizer train`)",
+        )
+    if tok.img_size is not None:
+        positive("tokenizer.img_size", tok.img_size)
+    if not 0 <= tok.color_jitter < 1:
+        fail("tokenizer.color_jitter", tok.color_jitter, "must be in [0, 1)")
