@@ -52,6 +52,47 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mimkit.config import TokenizerConfig
+    from mimkit.tasks.tokenizer import run_tokenizer
+
+    cfg = load_config(args.config, args.overrides, schema=TokenizerConfig)
+    result = run_tokenizer(cfg, resume=args.resume)
+    run_dir, m = result.run_dir, result.metrics
+    print(f"\nrun directory: {run_dir}")
+    print(f"  steps {result.train.step}, epochs {result.train.epoch}")
+    print(f"  tokenizer:  {result.tokenizer_path}")
+    print(f"  figure:     {run_dir / 'figures' / 'tokenizer_reconstruction.png'}")
+    print(f"  metrics:    {run_dir / 'metrics.jsonl'}, {run_dir / 'eval.json'}")
+    if m:
+        print(
+            f"  through hard tokens on {m['num_images']} held-out images: PSNR {m['psnr']:.2f} dB "
+            f"(constant-image floor {m['psnr_floor']:.2f} dB), MSE {m['recon_mse']:.4f}; "
+            f"codebook perplexity {m['perplexity']:.1f}, codes used {100 * m['codes_used']:.1f}% "
+            f"of {cfg.tokenizer.vocab_size}"
+        )
+    return 0
+
+
+def _cmd_convert_dalle(args: argparse.Namespace) -> int:
+    from mimkit.interop.dalle_pickle import UnsafePickleError, convert_dalle_pickle
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_file():
+        raise ConfigError(f"{src}: file not found")
+    if not args.trust_pickle:
+        raise ConfigError(
+            f"{src} is a pickle, and loading a pickle can run arbitrary code: pass --trust-pickle "
+            "only for files from a source you trust (OpenAI's published encoder.pkl/decoder.pkl)"
+        )
+    try:
+        shapes = convert_dalle_pickle(src, dst, trust_pickle=True)
+    except UnsafePickleError as err:
+        raise ConfigError(f"{src}: refused: {err}") from None
+    print(f"wrote {dst}: {len(shapes)} tensors")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -98,6 +139,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in run.dir from its latest complete checkpoint",
     )
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="visual tokenizers for BEiT",
+        description="Train a discrete VAE tokenizer whose token grid matches a ViT patch grid.",
+    )
+    tok = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    p = tok.add_parser(
+        "train",
+        help="train a dVAE tokenizer",
+        description="Train a discrete VAE (Gumbel-softmax, KL to a uniform prior). Writes "
+        "tokenizer.safetensors, metrics.jsonl, figures/tokenizer_reconstruction.png to run.dir.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints to safetensors",
+        description="Convert checkpoints from other formats into safetensors.",
+    )
+    conv = p.add_subparsers(dest="convert_from", metavar="FORMAT", required=True)
+    p = conv.add_parser(
+        "dalle",
+        help="OpenAI's DALL-E dVAE encoder.pkl / decoder.pkl",
+        description="Convert OpenAI's published DALL-E dVAE pickles (encoder.pkl, decoder.pkl) "
+        "to safetensors once. A pickle can run code when loaded: the file is read by a restricted "
+        "unpickler that refuses anything but tensors and the dVAE's module classes, and only with "
+        "--trust-pickle.",
+    )
+    p.add_argument("src", help="encoder.pkl or decoder.pkl")
+    p.add_argument("dst", help="the .safetensors file to write")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="I trust this file's source; unpickle it"
+    )
+    p.set_defaults(func=_cmd_convert_dalle)
 
     p = sub.add_parser(
         "config", help="print a resolved recipe", description="Validate a recipe with its "

@@ -13,7 +13,12 @@ import torch
 from mimkit.models.mae import MAE
 from mimkit.targets import denormalize_patches, patchify, unpatchify
 
-__all__ = ["mae_reconstruction_panels", "save_reconstruction_figure"]
+__all__ = [
+    "mae_reconstruction_panels",
+    "save_grid",
+    "save_reconstruction_figure",
+    "save_tokenizer_figure",
+]
 
 MASK_COLOR = torch.tensor([0.29, 0.44, 0.65])  # a muted blue, unlike any grayscale pixel
 
@@ -87,3 +92,45 @@ def save_reconstruction_figure(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_grid(
+    columns: dict[str, torch.Tensor], path: str | Path, *, title: str | None = None
+) -> Path:
+    """Columns of (B, C, H, W) images in [0, 1] (NaN = masked, drawn in MASK_COLOR) as a PNG."""
+    rows, cols = next(iter(columns.values())).shape[0], len(columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    for j, (name, batch) in enumerate(columns.items()):
+        for i in range(rows):
+            ax = axes[i][j]
+            pic = batch[i].detach().cpu().float()
+            pic = pic.permute(1, 2, 0).expand(-1, -1, 3) if pic.ndim == 3 else pic
+            if pic.ndim == 2:  # a map of token ids
+                ax.imshow(pic.numpy(), cmap="tab20", interpolation="nearest")
+            else:
+                hidden = pic.isnan().any(-1, keepdim=True)
+                ax.imshow(torch.where(hidden, MASK_COLOR, pic.clamp(0, 1)).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_tokenizer_figure(model, imgs: torch.Tensor, path: str | Path, *, title: str | None = None):
+    """Original | reconstruction through hard tokens | the token ids, for [0, 1] images."""
+    was_training = model.training
+    model.eval()
+    ids = model.encode(imgs)  # (B, h, w)
+    recon = model.decode(ids)
+    model.train(was_training)
+    columns = {"original": imgs, "through hard tokens": recon, "token ids": ids.float()}
+    return save_grid(columns, path, title=title)

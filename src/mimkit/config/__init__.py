@@ -18,10 +18,13 @@ from mimkit.config.pretrain import (
     resolve,
     validate,
 )
+from mimkit.config.tokenizer import DVAEConfig, DVAELossConfig, TokenizerConfig
 
 __all__ = [
     "VIT_PRESETS",
     "ConfigError",
+    "DVAEConfig",
+    "DVAELossConfig",
     "DataConfig",
     "DecoderConfig",
     "EvalConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "PretrainConfig",
     "RunConfig",
     "TargetConfig",
+    "TokenizerConfig",
     "TokenizerRef",
     "TrainConfig",
     "load_config",

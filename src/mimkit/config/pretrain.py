@@ -23,6 +23,10 @@ __all__ = [
     "TrainConfig",
     "resolve",
     "validate",
+    "validate_data",
+    "validate_optim",
+    "validate_run",
+    "validate_train",
 ]
 
 VIT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -217,66 +221,10 @@ def validate(cfg: PretrainConfig) -> None:
 
     _validate_masking(cfg)
 
-    if d.name not in ("fashion_mnist", "folder", "synthetic"):
-        fail("data.name", d.name, "one of ['fashion_mnist', 'folder', 'synthetic']")
-    if d.name != "synthetic" and not Path(d.root).exists():
-        hint = (
-            " (install Debian's dataset-fashion-mnist, or point data.root at a folder with the four"
-            " Fashion-MNIST IDX files)"
-            if d.name == "fashion_mnist"
-            else ""
-        )
-        fail("data.root", d.root, f"the path does not exist{hint}")
-    if d.name == "fashion_mnist":
-        if d.split not in ("train", "test"):
-            fail("data.split", d.split, "one of ['train', 'test']")
-        if m.in_chans != 1:
-            fail("model.in_chans", m.in_chans, "Fashion-MNIST is grayscale: use 1")
-    if d.max_samples is not None:
-        positive("data.max_samples", d.max_samples)
-    for key in ("mean", "std"):
-        value = getattr(d, key)
-        if value is not None and len(value) != m.in_chans:
-            fail(f"data.{key}", value, f"needs one value per channel (model.in_chans={m.in_chans})")
-    if d.std is not None and any(s <= 0 for s in d.std):
-        fail("data.std", d.std, "every value must be positive")
-    lo_hi = d.crop_scale
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-        fail("data.crop_scale", lo_hi, "[min, max] with 0 < min <= max <= 1")
-    if not 0 <= d.hflip <= 1:
-        fail("data.hflip", d.hflip, "a probability in [0, 1]")
-    if d.num_workers < 0:
-        fail("data.num_workers", d.num_workers, "must be >= 0")
-    positive("data.synthetic_size", d.synthetic_size)
-
-    if o.name != "adamw":
-        fail("optim.name", o.name, "one of ['adamw']")
-    positive("optim.base_lr", o.base_lr)
-    positive("optim.accum_steps", o.accum_steps)
-    positive("train.batch_size", t.batch_size)
-    positive("optim.lr", o.lr)  # derived from the three above when not given
-    if o.min_lr < 0 or o.min_lr > o.lr:
-        fail("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr:g}]")
-    if o.weight_decay < 0:
-        fail("optim.weight_decay", o.weight_decay, "must be >= 0")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        fail("optim.betas", o.betas, "two numbers in [0, 1)")
-    positive("optim.eps", o.eps)
-    if o.warmup_epochs < 0:
-        fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
-    if o.clip_grad is not None:
-        positive("optim.clip_grad", o.clip_grad)
-
-    positive("train.epochs", t.epochs)
-    if t.max_steps is not None:
-        positive("train.max_steps", t.max_steps)
-    if t.precision not in ("fp32", "bf16"):
-        fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
-    for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
-        positive(f"train.{key}", getattr(t, key))
-    if t.ckpt_every_steps is not None:
-        positive("train.ckpt_every_steps", t.ckpt_every_steps)
-
+    validate_data(d, in_chans=m.in_chans)
+    validate_optim(o, t)
+    validate_train(t)
+    validate_run(cfg.run)
     knn = cfg.eval.knn
     positive("eval.knn.k", knn.k)
     positive("eval.knn.temperature", knn.temperature)
@@ -295,8 +243,6 @@ def validate(cfg: PretrainConfig) -> None:
     for key in ("train_samples", "test_samples"):
         if getattr(knn, key) is not None:
             positive(f"eval.knn.{key}", getattr(knn, key))
-    if cfg.run.device not in ("auto", "cpu") and not cfg.run.device.startswith("cuda"):
-        fail("run.device", cfg.run.device, "auto, cpu, cuda or cuda:N")
 
 
 def _validate_masking(cfg: PretrainConfig) -> None:
@@ -334,3 +280,74 @@ def _validate_masking(cfg: PretrainConfig) -> None:
         positive("tokenizer.img_size", tok.img_size)
     if not 0 <= tok.color_jitter < 1:
         fail("tokenizer.color_jitter", tok.color_jitter, "must be in [0, 1)")
+
+
+def validate_data(d: DataConfig, *, in_chans: int, chans_key: str = "model.in_chans") -> None:
+    if d.name not in ("fashion_mnist", "folder", "synthetic"):
+        fail("data.name", d.name, "one of ['fashion_mnist', 'folder', 'synthetic']")
+    if d.name != "synthetic" and not Path(d.root).exists():
+        hint = (
+            " (install Debian's dataset-fashion-mnist, or point data.root at a folder with the four"
+            " Fashion-MNIST IDX files)"
+            if d.name == "fashion_mnist"
+            else ""
+        )
+        fail("data.root", d.root, f"the path does not exist{hint}")
+    if d.name == "fashion_mnist":
+        if d.split not in ("train", "test"):
+            fail("data.split", d.split, "one of ['train', 'test']")
+        if in_chans != 1:
+            fail(chans_key, in_chans, "Fashion-MNIST is grayscale: use 1")
+    if d.max_samples is not None:
+        positive("data.max_samples", d.max_samples)
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is not None and len(value) != in_chans:
+            fail(f"data.{key}", value, f"needs one value per channel ({chans_key}={in_chans})")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        fail("data.std", d.std, "every value must be positive")
+    lo_hi = d.crop_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        fail("data.crop_scale", lo_hi, "[min, max] with 0 < min <= max <= 1")
+    if not 0 <= d.hflip <= 1:
+        fail("data.hflip", d.hflip, "a probability in [0, 1]")
+    if d.num_workers < 0:
+        fail("data.num_workers", d.num_workers, "must be >= 0")
+    positive("data.synthetic_size", d.synthetic_size)
+
+
+def validate_optim(o: OptimConfig, t: TrainConfig) -> None:
+    if o.name != "adamw":
+        fail("optim.name", o.name, "one of ['adamw']")
+    positive("optim.base_lr", o.base_lr)
+    positive("optim.accum_steps", o.accum_steps)
+    positive("train.batch_size", t.batch_size)
+    positive("optim.lr", o.lr)  # derived from the three above when not given
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        fail("optim.min_lr", o.min_lr, f"must be in [0, optim.lr={o.lr:g}]")
+    if o.weight_decay < 0:
+        fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        fail("optim.betas", o.betas, "two numbers in [0, 1)")
+    positive("optim.eps", o.eps)
+    if o.warmup_epochs < 0:
+        fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    if o.clip_grad is not None:
+        positive("optim.clip_grad", o.clip_grad)
+
+
+def validate_train(t: TrainConfig) -> None:
+    positive("train.epochs", t.epochs)
+    if t.max_steps is not None:
+        positive("train.max_steps", t.max_steps)
+    if t.precision not in ("fp32", "bf16"):
+        fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
+    for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
+        positive(f"train.{key}", getattr(t, key))
+    if t.ckpt_every_steps is not None:
+        positive("train.ckpt_every_steps", t.ckpt_every_steps)
+
+
+def validate_run(r: RunConfig) -> None:
+    if r.device not in ("auto", "cpu") and not r.device.startswith("cuda"):
+        fail("run.device", r.device, "auto, cpu, cuda or cuda:N")

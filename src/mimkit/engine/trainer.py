@@ -1,7 +1,9 @@
 """The training loop. It knows a small task protocol, never the method.
 
 A task provides ``model`` (an nn.Module), ``step(batch) -> StepOutput`` (loss and logs),
-``weights()`` (the state dict to save) and ``metadata()`` (provenance). Everything else (optimizer,
+``weights()`` / ``load_weights()`` (what a checkpoint holds) and ``metadata()`` (provenance); it
+may have a ``name`` (the progress bar's label) and ``on_step(step, total_steps, steps_per_epoch)``
+(called before every micro-step, for step-dependent schedules). Everything else (optimizer,
 schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives here.
 """
 
@@ -163,7 +165,7 @@ class Trainer:
         bar = tqdm(
             total=self.max_steps,
             initial=self.step,
-            desc="pretrain",
+            desc=getattr(self.task, "name", "train"),
             disable=not interactive,
             dynamic_ncols=True,
             mininterval=1.0,
@@ -179,6 +181,8 @@ class Trainer:
             for batch in self.loader:
                 if self.batch_in_epoch >= self.steps_per_epoch * accum:
                     break  # a partial accumulation at the end of an epoch is dropped
+                if hasattr(self.task, "on_step"):
+                    self.task.on_step(self.step, self.total_steps, self.steps_per_epoch)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                     out = self.task.step(batch)
                 (out.loss / accum).backward()

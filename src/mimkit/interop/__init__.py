@@ -1,0 +1,1 @@
+"""Converters between published checkpoints and mimkit's own layouts."""
