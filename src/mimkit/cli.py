@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -89,6 +90,9 @@ def _cmd_convert_dalle(args: argparse.Namespace) -> int:
         shapes = convert_dalle_pickle(src, dst, trust_pickle=True)
     except UnsafePickleError as err:
         raise ConfigError(f"{src}: refused: {err}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{src}: not a DALL-E dVAE pickle ({msg})") from None
     print(f"wrote {dst}: {len(shapes)} tensors")
     return 0
 

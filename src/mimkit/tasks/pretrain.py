@@ -36,6 +36,8 @@ _RESUMABLE_CHANGES = ("train.max_steps", "eval.")
 class MAEPretrainTask:
     """The trainer's task for MAE: batch -> masked-pixel loss."""
 
+    name = "pretrain"
+
     def __init__(self, model: MAE, cfg: PretrainConfig, *, mean: list[float], std: list[float]):
         self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
         self.device = next(model.parameters()).device
