@@ -15,6 +15,7 @@ from mimkit.targets import denormalize_patches, patchify, unpatchify
 
 __all__ = [
     "mae_reconstruction_panels",
+    "save_beit_figure",
     "save_grid",
     "save_reconstruction_figure",
     "save_tokenizer_figure",
@@ -133,4 +134,44 @@ def save_tokenizer_figure(model, imgs: torch.Tensor, path: str | Path, *, title:
     recon = model.decode(ids)
     model.train(was_training)
     columns = {"original": imgs, "through hard tokens": recon, "token ids": ids.float()}
+    return save_grid(columns, path, title=title)
+
+
+@torch.no_grad()
+def save_beit_figure(task, samples, path: str | Path, *, mean, std, title: str | None = None):
+    """Image | mask | decoded from the true tokens | decoded with predicted tokens where masked.
+
+    ``samples`` are the BEiT views ``(patch view, tokenizer view, mask)``; ``task`` is a
+    :class:`~mimkit.tasks.pretrain.BEiTPretrainTask` whose tokenizer can decode.
+    """
+    from mimkit.masking import mask_from_bool
+
+    model, tokenizer = task.model, task.tokenizer
+    dev = task.device
+    imgs = torch.stack([s[0] for s in samples]).to(dev)  # (B, C, H, W) normalized
+    tok_imgs = torch.stack([s[1] for s in samples]).to(dev)  # (B, C, T, T) in [0, 1]
+    mask = torch.stack([s[2] for s in samples]).to(dev)  # (B, N) True = masked
+    was_training = model.training
+    model.eval()
+    ids = task.target_ids(tok_imgs)  # (B, N)
+    out = model(imgs, mask_from_bool(mask))
+    model.train(was_training)
+    pred_ids = ids.clone()
+    pred_ids[out.positions] = out.pred.argmax(-1)
+    keep = ~mask  # visible positions keep their true tokens, as in the paper's figure
+    pred_ids[keep] = ids[keep]
+    enc = model.encoder
+    h, w = enc.grid_size
+    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=dev).view(1, -1, 1, 1)
+    pixels = (imgs * s + m).clamp(0, 1)
+    p = enc.patch_size
+    hidden = mask.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)
+    masked = torch.where(hidden, torch.full_like(pixels, float("nan")), pixels)
+    columns = {
+        "image": pixels,
+        "mask": masked,
+        "true tokens, decoded": tokenizer.decode(ids.view(-1, h, w)),
+        "predicted at masked": tokenizer.decode(pred_ids.view(-1, h, w)),
+    }
     return save_grid(columns, path, title=title)

@@ -1,10 +1,11 @@
-"""Process-group facts. Single-process runs need no initialization; only rank 0 logs and saves."""
+"""Process and device facts. Single-process runs need no initialization; rank 0 logs and saves."""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["is_main", "rank", "world_size"]
+__all__ = ["is_main", "pick_device", "rank", "world_size"]
 
 
 def rank() -> int:
@@ -17,3 +18,14 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    from mimkit.config import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} is not allowed: CUDA is not available here")
+    return torch.device(name)

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 from mimkit.config import ModelConfig, PretrainConfig
+from mimkit.models.beit import BEiT, BEiTEncoder
 from mimkit.models.mae import MAE, MAEOutput, mae_loss
 from mimkit.models.vit import VisionTransformer
 
-__all__ = ["MAE", "MAEOutput", "VisionTransformer", "build_encoder", "build_mae", "mae_loss"]
+__all__ = [
+    "MAE",
+    "BEiT",
+    "BEiTEncoder",
+    "MAEOutput",
+    "VisionTransformer",
+    "build_beit",
+    "build_encoder",
+    "build_mae",
+    "mae_loss",
+]
 
 
-def build_encoder(cfg: ModelConfig, *, fixed_pos_embed: bool = True) -> VisionTransformer:
-    """A ViT from a resolved :class:`ModelConfig` (presets already filled in)."""
+def build_encoder(
+    cfg: ModelConfig, *, fixed_pos_embed: bool = True
+) -> VisionTransformer | BEiTEncoder:
+    """The encoder of ``cfg.method`` from a resolved :class:`ModelConfig` (presets filled in)."""
+    if cfg.method == "beit":
+        return BEiTEncoder(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            drop_path=cfg.drop_path,
+            layer_scale=cfg.layer_scale,
+            abs_pos_emb=cfg.abs_pos_emb,
+            shared_rel_pos_bias=cfg.rel_pos_bias == "shared",
+            rel_pos_bias=cfg.rel_pos_bias == "per_layer",
+        )
     return VisionTransformer(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -35,4 +63,20 @@ def build_mae(cfg: PretrainConfig) -> MAE:
         mlp_ratio=m.mlp_ratio,
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=cfg.target.norm_pix,
+    )
+
+
+def build_beit(cfg: PretrainConfig, *, vocab_size: int | None) -> BEiT:
+    """A BEiT (full-sequence encoder + MIM head) from a resolved pretraining config.
+
+    ``target.kind == "tokens"`` gives a vocabulary head of ``vocab_size``; "pixels" a per-patch
+    pixel regression head (BEiT Table 4).
+    """
+    m = cfg.model
+    tokens = cfg.target.kind == "tokens"
+    return BEiT(
+        build_encoder(m),
+        vocab_size=vocab_size if tokens else None,
+        pixel_dim=None if tokens else m.patch_size**2 * m.in_chans,
+        loss_on=cfg.target.loss_on,
     )

@@ -14,23 +14,88 @@ from mimkit import __version__
 from mimkit.config import ConfigError, PretrainConfig, save_config, to_dict
 from mimkit.data import (
     AugmentedView,
+    BEiTTransform,
     EvalTransform,
     PretrainTransform,
     build_dataset,
     dataset_stats,
 )
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main
+from mimkit.engine.distributed import is_main, pick_device
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
-from mimkit.models import build_encoder, build_mae
+from mimkit.masking import MaskSampler, mask_from_bool
+from mimkit.models import build_beit, build_encoder, build_mae
+from mimkit.models.beit import BEiT, mim_pixel_loss, mim_token_loss
 from mimkit.models.mae import MAE, from_official_layout, to_official_layout
+from mimkit.models.tokenizer_io import load_tokenizer
+from mimkit.targets import pixel_target
 from mimkit.tasks.knn import KnnResult, knn_evaluate, knn_evaluate_pixels
-from mimkit.viz import save_reconstruction_figure
+from mimkit.viz import save_beit_figure, save_reconstruction_figure
 
-__all__ = ["MAEPretrainTask", "PretrainResult", "pick_device", "run_pretrain"]
+__all__ = ["BEiTPretrainTask", "MAEPretrainTask", "PretrainResult", "run_pretrain"]
 
 # keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
 _RESUMABLE_CHANGES = ("train.max_steps", "eval.")
+
+
+class BEiTPretrainTask:
+    """The trainer's task for BEiT: (patch view, tokenizer view, mask) -> MIM loss.
+
+    With visual-token targets, the frozen tokenizer runs without gradients inside the step.
+    """
+
+    name = "pretrain"
+
+    def __init__(
+        self,
+        model: BEiT,
+        cfg: PretrainConfig,
+        *,
+        tokenizer: torch.nn.Module | None,
+        tokenizer_meta: dict[str, Any] | None,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.tokenizer_meta, self.mean, self.std = tokenizer_meta or {}, mean, std
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def target_ids(self, tok_imgs: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (B, N) of the tokenizer view (B, C, T, T) in [0, 1]."""
+        return self.tokenizer.encode(tok_imgs).flatten(1)
+
+    def step(self, batch: Any) -> StepOutput:
+        (imgs, tok_imgs, mask_bool), _ = batch
+        imgs = imgs.to(self.device, non_blocking=True)  # (B, C, H, W) normalized
+        mask = mask_from_bool(mask_bool.to(self.device))  # (B, N) True = masked
+        out = self.model(imgs, mask)
+        if self.model.vocab_size is not None:
+            ids = self.target_ids(tok_imgs.to(self.device, non_blocking=True))
+            loss, acc = mim_token_loss(out.pred, ids, out.positions)
+            return StepOutput(loss, {"mim_acc": acc})
+        t = pixel_target(imgs, self.model.encoder.patch_size, norm_pix=self.cfg.target.norm_pix)
+        return StepOutput(mim_pixel_loss(out.pred, t, out.positions), {})
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The official BEiT pretraining layout: encoder keys at the top level, ``lm_head``."""
+        return to_official_layout(self.model.state_dict())
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        keyed = {(k if k.startswith("lm_head") else f"encoder.{k}"): v for k, v in state.items()}
+        self.model.load_state_dict(keyed, strict=True)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = provenance(self.cfg, mean=self.mean, std=self.std, decoder=True)
+        meta["layout"] = "official-beit"
+        if self.model.vocab_size is not None:
+            meta["target"] = "visual_tokens"
+            meta["vocab_size"] = self.model.vocab_size
+            meta["tokenizer"] = {
+                "checkpoint": self.cfg.tokenizer.checkpoint,
+                "kind": self.tokenizer_meta.get("kind"),
+            }
+        return meta
 
 
 class MAEPretrainTask:
@@ -70,6 +135,8 @@ def provenance(
         "target": "norm_pixels" if cfg.target.norm_pix else "pixels",
         "mask_strategy": cfg.mask.strategy,
         "mask_ratio": cfg.mask.ratio,
+        "num_masked": cfg.mask.num_masked,
+        "loss_on": cfg.target.loss_on,
         "arch": m.arch,
         "img_size": m.img_size,
         "patch_size": m.patch_size,
@@ -81,17 +148,11 @@ def provenance(
         "mean": mean,
         "std": std,
         "includes_decoder": decoder,
-        "layout": "official-mae" if decoder else "timm-vit",
+        "layout": ("official-mae" if decoder else "timm-vit")
+        if m.method == "mae"
+        else ("official-beit" if decoder else "timm-beit"),
         "model_config": to_dict(m),
     }
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} is not allowed: CUDA is not available here")
-    return torch.device(name)
 
 
 @dataclasses.dataclass
@@ -152,24 +213,16 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     m = cfg.model
     base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
     mean, std = dataset_stats(cfg.data, base)
-    d = cfg.data
-    train_view = AugmentedView(
-        base,
-        PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip),
-        seed=cfg.run.seed,
-    )
-    model = build_mae(cfg).to(device)
-    task = MAEPretrainTask(model, cfg, mean=mean, std=std)
-    eval_tf = EvalTransform(m.img_size, mean, std)
-    fig_imgs = torch.stack([eval_tf(base[i][0]) for i in range(min(8, len(base)))]).to(device)
-    fig_path = run_dir / "figures" / "reconstruction.png"
+    if m.method == "beit":
+        task, train_view, figure = _beit_setup(cfg, base, mean, std, device, run_dir)
+    else:
+        task, train_view, figure = _mae_setup(cfg, base, mean, std, device, run_dir)
+    model, d = task.model, cfg.data
+    fig_path = figure.path
 
     def on_epoch_end(epoch: int, final: bool) -> None:
         if final or epoch % cfg.train.figure_every_epochs == 0:
-            save_reconstruction_figure(
-                model, fig_imgs, fig_path, mean=mean, std=std, seed=cfg.run.seed,
-                title=f"MAE reconstructions, epoch {epoch} (mask ratio {cfg.mask.ratio})",
-            )  # fmt: skip
+            figure(epoch)
 
     trainer = Trainer(
         task,
@@ -192,9 +245,10 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
         if result.stopped_early or not fig_path.exists():
             on_epoch_end(result.epoch, True)
         encoder_path = run_dir / "encoder.safetensors"
+        enc_state = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
         ckpt.save_weights(
             encoder_path,
-            model.encoder.state_dict(),
+            enc_state,
             {**provenance(cfg, mean=mean, std=std, decoder=False), "step": result.step},
         )
         if cfg.eval.knn.enabled:
@@ -204,6 +258,87 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
                 f.write(json.dumps({"kind": "eval", "step": result.step, "knn": record}) + "\n")
             (run_dir / "eval.json").write_text(json.dumps({"knn": record}, indent=2) + "\n")
     return PretrainResult(run_dir, result, encoder_path, fig_path, knn)
+
+
+class _Figure:
+    """The run's figure: ``figure(epoch)`` draws it to ``figure.path``."""
+
+    def __init__(self, path: Path, draw) -> None:
+        self.path, self._draw = path, draw
+
+    def __call__(self, epoch: int) -> None:
+        self._draw(epoch)
+
+
+def _mae_setup(cfg, base, mean, std, device, run_dir):
+    m, d = cfg.model, cfg.data
+    view = AugmentedView(
+        base,
+        PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip),
+        seed=cfg.run.seed,
+    )
+    model = build_mae(cfg).to(device)
+    task = MAEPretrainTask(model, cfg, mean=mean, std=std)
+    eval_tf = EvalTransform(m.img_size, mean, std)
+    imgs = torch.stack([eval_tf(base[i][0]) for i in range(min(8, len(base)))]).to(device)
+    path = run_dir / "figures" / "reconstruction.png"
+
+    def draw(epoch: int) -> None:
+        save_reconstruction_figure(
+            model, imgs, path, mean=mean, std=std, seed=cfg.run.seed,
+            title=f"MAE reconstructions, epoch {epoch} (mask ratio {cfg.mask.ratio})",
+        )  # fmt: skip
+
+    return task, view, _Figure(path, draw)
+
+
+def _beit_setup(cfg, base, mean, std, device, run_dir):
+    m, d, mk = cfg.model, cfg.data, cfg.mask
+    grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
+    tokenizer, meta, tok_size = None, None, m.img_size
+    if cfg.target.kind == "tokens":
+        tokenizer, meta = load_tokenizer(cfg.tokenizer.checkpoint, device=device)
+        tok_size = cfg.tokenizer.img_size or int(meta["img_size"])
+        tok_grid = tok_size // int(meta["downsample"])
+        if (tok_grid, tok_grid) != grid:
+            raise ConfigError(
+                f"tokenizer.checkpoint gives a {tok_grid}x{tok_grid} token grid at "
+                f"tokenizer.img_size={tok_size}, but the ViT's patch grid is {grid[0]}x{grid[1]} "
+                f"(model.img_size={m.img_size} / model.patch_size={m.patch_size})"
+            )
+        if int(meta["in_chans"]) != m.in_chans:
+            raise ConfigError(
+                f"tokenizer.checkpoint takes {meta['in_chans']}-channel images, "
+                f"model.in_chans={m.in_chans}"
+            )
+    n = grid[0] * grid[1]
+    num_masked = mk.num_masked or max(1, round(mk.ratio * n))
+    sampler = MaskSampler(mk.strategy, grid, num_masked, min_block=mk.min_block)
+    view = AugmentedView(
+        base,
+        BEiTTransform(
+            m.img_size, tok_size, mean, std, mask_fn=sampler, scale=d.crop_scale,
+            hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
+        ),
+        seed=cfg.run.seed,
+    )  # fmt: skip
+    vocab = int(meta["vocab_size"]) if meta else None
+    model = build_beit(cfg, vocab_size=vocab).to(device)
+    task = BEiTPretrainTask(
+        model, cfg, tokenizer=tokenizer, tokenizer_meta=meta, mean=mean, std=std
+    )
+    path = run_dir / "figures" / "beit_predictions.png"
+    samples = [view[i][0] for i in range(min(8, len(view)))]
+
+    def draw(epoch: int) -> None:
+        if tokenizer is None or not hasattr(tokenizer, "decode"):
+            return
+        save_beit_figure(
+            task, samples, path, mean=mean, std=std,
+            title=f"BEiT predictions, epoch {epoch} ({num_masked} of {n} patches masked)",
+        )  # fmt: skip
+
+    return task, view, _Figure(path, draw)
 
 
 def evaluate_knn(
@@ -219,7 +354,7 @@ def evaluate_knn(
         base = build_dataset(data_cfg, img_size=m.img_size, channels=m.in_chans, split=split)
         views.append(AugmentedView(base, tf, seed=cfg.run.seed))
     torch.manual_seed(cfg.run.seed)
-    random_encoder = build_encoder(m).to(device)
+    random_encoder = build_encoder(m).to(device)  # the same architecture, untrained
     opts = dict(
         k=k.k, temperature=k.temperature, pool=k.pool, batch_size=k.batch_size, device=device
     )
