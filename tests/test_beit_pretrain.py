@@ -1,0 +1,104 @@
+"""BEiT end to end on tiny synthetic data: tokenizer training, MIM pretraining, ablations."""
+
+import json
+
+import pytest
+import torch
+
+from mimkit.config import ConfigError, TokenizerConfig, load_config
+from mimkit.engine import checkpoint as ckpt
+from mimkit.tasks.pretrain import run_pretrain
+from mimkit.tasks.tokenizer import run_tokenizer
+from tests.conftest import ROOT, tiny_overrides
+
+BEIT = ROOT / "configs" / "pretrain" / "beit_vit_tiny_fmnist.yaml"
+DVAE = ROOT / "configs" / "tokenizer" / "dvae_fmnist.yaml"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tok")
+    args = [
+        f"run.dir={run}", "data.name=synthetic", "data.synthetic_size=64", "tokenizer.img_size=16",
+        "tokenizer.in_chans=3", "tokenizer.vocab_size=32", "tokenizer.hidden_dim=8",
+        "tokenizer.codebook_dim=8", "tokenizer.downsample=4", "train.batch_size=16",
+        "train.epochs=1", "eval.samples=16", "optim.warmup_epochs=0",
+    ]  # fmt: skip
+    res = run_tokenizer(load_config(DVAE, args, schema=TokenizerConfig))
+    assert (
+        res.tokenizer_path.is_file()
+        and (run / "figures" / "tokenizer_reconstruction.png").is_file()
+    )
+    assert {"psnr", "psnr_floor", "perplexity", "codes_used"} <= set(res.metrics)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "eval" and "psnr" in r for r in rows)
+    meta = ckpt.read_metadata(res.tokenizer_path)
+    assert meta["kind"] == "dvae" and meta["grid"] == [4, 4] and meta["vocab_size"] == 32
+    return res.tokenizer_path
+
+
+def _beit(tmp_path, tokenizer_path, **extra):
+    values = {
+        "model.method": "beit",
+        "mask.strategy": "blockwise",
+        "mask.num_masked": 6,
+        "mask.min_block": 2,
+        "target.kind": "tokens",
+        "tokenizer.checkpoint": str(tokenizer_path),
+        "train.epochs": 1,
+        **extra,
+    }
+    args = [a for a in tiny_overrides(tmp_path / "run") if not a.startswith("train.epochs")]
+    return load_config(BEIT, args + [f"{k}={v}" for k, v in values.items()])
+
+
+def test_beit_pretraining_run(tmp_path, tokenizer_path):
+    res = run_pretrain(
+        _beit(tmp_path, tokenizer_path, **{"eval.knn.enabled": True, "eval.knn.k": 5})
+    )
+    run = tmp_path / "run"
+    assert res.train.step == 8 and (run / "figures" / "beit_predictions.png").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    accs = [r["mim_acc"] for r in rows if r["kind"] == "train"]
+    assert accs and all(0 <= a <= 1 for a in accs)
+    weights, meta = ckpt.load_weights(
+        ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors"
+    )
+    assert (
+        "mask_token" in weights
+        and "lm_head.weight" in weights
+        and "rel_pos_bias.relative_position_bias_table" in weights
+    )
+    assert (
+        meta["method"] == "beit" and meta["target"] == "visual_tokens" and meta["vocab_size"] == 32
+    )
+    enc = ckpt.load_weights(run / "encoder.safetensors")[0]
+    assert "mask_token" not in enc and "lm_head.weight" not in enc  # a timm Beit state dict
+    assert set(res.knn) == {"pretrained", "random_init", "raw_pixels"}
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"mask.strategy": "random"},
+        {"target.kind": "pixels", "target.norm_pix": True},
+        {"target.loss_on": "all"},
+        {"model.rel_pos_bias": "none", "model.abs_pos_emb": True, "model.layer_scale": "null"},
+    ],
+    ids=["random-masking", "pixel-target", "loss-on-all", "abs-pos-no-layer-scale"],
+)
+def test_every_ablation_switch_trains(tmp_path, tokenizer_path, switch):
+    res = run_pretrain(_beit(tmp_path, tokenizer_path, **{"train.max_steps": 2, **switch}))
+    assert res.train.step == 2 and torch.isfinite(torch.tensor(res.train.loss))
+
+
+def test_beit_config_errors(tmp_path, tokenizer_path):
+    with pytest.raises(ConfigError, match=r"tokenizer\.checkpoint=None is not allowed"):
+        _beit(tmp_path, tokenizer_path, **{"tokenizer.checkpoint": "null"})
+    with pytest.raises(ConfigError, match=r"mask\.strategy=.blockwise. is not allowed"):
+        load_config(ROOT / "configs/pretrain/mae_vit_tiny_fmnist.yaml",
+                    [*tiny_overrides(tmp_path), "mask.strategy=blockwise"])  # fmt: skip
+    with pytest.raises(ConfigError, match="token grid"):
+        run_pretrain(
+            _beit(tmp_path, tokenizer_path, **{"model.patch_size": 8, "mask.num_masked": 2})
+        )
