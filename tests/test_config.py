@@ -8,13 +8,42 @@ import yaml
 from mimkit.config import ConfigError, load_config
 from tests.conftest import DEMO, ROOT, tiny_overrides
 
-RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+RECIPES = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_recipe_loads(recipe, tmp_path):
-    cfg = load_config(recipe, [f"data.root={tmp_path}", f"run.dir={tmp_path / 'r'}"])
+def test_every_pretraining_recipe_loads(recipe, tmp_path):
+    tok = tmp_path / "tokenizer.safetensors"
+    tok.touch()
+    args = [f"data.root={tmp_path}", f"run.dir={tmp_path / 'r'}", f"tokenizer.checkpoint={tok}"]
+    cfg = load_config(recipe, args)
     assert cfg.optim.lr > 0 and cfg.model.embed_dim % cfg.model.num_heads == 0
+
+
+def test_beit_paper_recipes(tmp_path):
+    tok = tmp_path / "t.safetensors"
+    tok.touch()
+    for size, scale in (("base", 0.1), ("large", 1e-5)):
+        cfg = load_config(
+            ROOT / f"configs/pretrain/beit_vit_{size}_in1k.yaml",
+            ["data.root=/", f"tokenizer.checkpoint={tok}"],
+        )
+        assert cfg.train.batch_size * cfg.optim.accum_steps == 2048 and cfg.optim.lr == 1.5e-3
+        assert (
+            cfg.optim.min_lr == 1e-5 and cfg.optim.warmup_epochs == 10 and cfg.train.epochs == 800
+        )
+        assert cfg.optim.clip_grad == 3.0 and cfg.model.drop_path == 0.1
+        assert cfg.model.layer_scale == scale and cfg.optim.betas == [0.9, 0.999]
+        assert cfg.mask.num_masked == 75 and cfg.mask.strategy == "blockwise"
+        assert cfg.tokenizer.img_size == 112 and cfg.model.rel_pos_bias == "shared"
+
+
+def test_tokenizer_recipe_loads(tmp_path):
+    from mimkit.config import TokenizerConfig
+
+    cfg = load_config(ROOT / "configs/tokenizer/dvae_fmnist.yaml", [f"data.root={tmp_path}"],
+                      schema=TokenizerConfig)  # fmt: skip
+    assert cfg.tokenizer.img_size // cfg.tokenizer.downsample == 7
 
 
 def test_mae_paper_recipes():
