@@ -69,30 +69,11 @@ def save_reconstruction_figure(
 ) -> Path:
     """Rows of original | masked | reconstruction | reconstruction + visible, de-normalized."""
     panels = mae_reconstruction_panels(model, imgs, seed=seed)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    rows, cols = imgs.shape[0], len(panels)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
-    for j, (name, batch) in enumerate(panels.items()):
-        pics = (batch.cpu().float() * s + m).clamp(0, 1)  # NaN (masked) stays NaN
-        for i in range(rows):
-            ax = axes[i][j]
-            pic = pics[i].permute(1, 2, 0).expand(-1, -1, 3)  # (H, W, 3), gray repeated
-            hidden = pic.isnan().any(-1, keepdim=True)
-            pic = torch.where(hidden, MASK_COLOR, pic)  # masked patches in a colour of their own
-            ax.imshow(pic.numpy(), vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    m = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    # de-normalized to [0, 1]; NaN (masked) stays NaN and is drawn in MASK_COLOR
+    columns = {name: (batch.float() * s + m).clamp(0, 1) for name, batch in panels.items()}
+    return save_grid(columns, path, title=title)
 
 
 def save_grid(

@@ -25,6 +25,7 @@ from timm.models.beit import RelativePositionBias
 from torch import nn
 
 from mimkit.masking import Mask
+from mimkit.models.vit import pool_tokens
 
 __all__ = ["BEiT", "BEiTEncoder", "MIMOutput", "mim_pixel_loss", "mim_token_loss"]
 
@@ -150,14 +151,7 @@ class BEiTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
-    @staticmethod
-    def pool(tokens: torch.Tensor, kind: str = "avg") -> torch.Tensor:
-        """(B, T, D) -> (B, D): the cls token, or the mean of the patch tokens ("avg")."""
-        if kind == "cls":
-            return tokens[:, 0]
-        if kind == "avg":
-            return tokens[:, 1:].mean(dim=1)
-        raise ValueError(f"pool must be 'cls' or 'avg', got {kind!r}")
+    pool = staticmethod(pool_tokens)
 
     @property
     def num_layers(self) -> int:

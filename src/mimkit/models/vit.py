@@ -24,7 +24,7 @@ from torch import nn
 from mimkit.masking import Mask
 from mimkit.models.pos_embed import sincos_2d
 
-__all__ = ["VisionTransformer", "init_vit_weights"]
+__all__ = ["VisionTransformer", "init_vit_weights", "pool_tokens"]
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -38,6 +38,15 @@ def init_vit_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def pool_tokens(tokens: torch.Tensor, kind: str = "cls") -> torch.Tensor:
+    """(B, T, D) -> (B, D): the cls token, or the mean of the patch tokens ("avg")."""
+    if kind == "cls":
+        return tokens[:, 0]
+    if kind == "avg":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"pool must be 'cls' or 'avg', got {kind!r}")
 
 
 class VisionTransformer(nn.Module):
@@ -130,14 +139,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
-    @staticmethod
-    def pool(tokens: torch.Tensor, kind: str = "cls") -> torch.Tensor:
-        """(B, T, D) -> (B, D): the cls token, or the mean of the patch tokens ("avg")."""
-        if kind == "cls":
-            return tokens[:, 0]
-        if kind == "avg":
-            return tokens[:, 1:].mean(dim=1)
-        raise ValueError(f"pool must be 'cls' or 'avg', got {kind!r}")
+    pool = staticmethod(pool_tokens)
 
     # ---- what optimizers and wrappers need to know ----
 

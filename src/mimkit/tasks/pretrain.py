@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from mimkit import __version__
-from mimkit.config import ConfigError, PretrainConfig, save_config, to_dict
+from mimkit.config import ConfigError, PretrainConfig, to_dict
 from mimkit.data import (
     AugmentedView,
     BEiTTransform,
@@ -21,7 +20,8 @@ from mimkit.data import (
     dataset_stats,
 )
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main, pick_device
+from mimkit.engine.distributed import is_main
+from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.masking import MaskSampler, mask_from_bool
 from mimkit.models import build_beit, build_encoder, build_mae
@@ -33,9 +33,6 @@ from mimkit.tasks.knn import KnnResult, knn_evaluate, knn_evaluate_pixels
 from mimkit.viz import save_beit_figure, save_reconstruction_figure
 
 __all__ = ["BEiTPretrainTask", "MAEPretrainTask", "PretrainResult", "run_pretrain"]
-
-# keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
-_RESUMABLE_CHANGES = ("train.max_steps", "eval.")
 
 
 class BEiTPretrainTask:
@@ -164,51 +161,9 @@ class PretrainResult:
     knn: dict[str, KnnResult]
 
 
-def _check_resume_config(cfg: PretrainConfig, run_dir: Path) -> None:
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(to_dict(cfg))
-    for key in sorted(set(saved) | set(now)):
-        if key.startswith(_RESUMABLE_CHANGES):
-            continue
-        if saved.get(key) != now.get(key):
-            raise ConfigError(
-                f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
-                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may change)"
-            )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     """Pretrain an MAE as ``cfg`` says; write everything to ``cfg.run.dir``."""
-    run_dir = Path(cfg.run.dir)
-    ckpt_root = run_dir / "checkpoints"
-    if resume:
-        if ckpt.latest_checkpoint(ckpt_root) is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
-        _check_resume_config(cfg, run_dir)
-    elif ckpt_root.exists() and any(ckpt_root.iterdir()):
-        raise ConfigError(
-            f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
-            "run, or choose another run.dir"
-        )
-    device = pick_device(cfg.run.device)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.run.seed)
-    if is_main():
-        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir, device = prepare_run(cfg, resume=resume)
 
     m = cfg.model
     base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)

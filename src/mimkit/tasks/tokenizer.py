@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimkit import __version__
-from mimkit.config import ConfigError, TokenizerConfig, save_config
+from mimkit.config import TokenizerConfig
 from mimkit.data import AugmentedView, EvalTransform, PretrainTransform, build_dataset
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main, pick_device
+from mimkit.engine.distributed import is_main
+from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models.tokenizer import (
     DiscreteVAE,
@@ -133,22 +134,7 @@ class TokenizerResult:
 
 def run_tokenizer(cfg: TokenizerConfig, *, resume: bool = False) -> TokenizerResult:
     """Train a dVAE tokenizer as ``cfg`` says; write everything to ``cfg.run.dir``."""
-    run_dir = Path(cfg.run.dir)
-    ckpt_root = run_dir / "checkpoints"
-    if resume and ckpt.latest_checkpoint(ckpt_root) is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
-    if not resume and ckpt_root.exists() and any(ckpt_root.iterdir()):
-        raise ConfigError(
-            f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
-            "run, or choose another run.dir"
-        )
-    device = pick_device(cfg.run.device)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.run.seed)
-    if is_main():
-        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    run_dir, device = prepare_run(cfg, resume=resume)
     t, d = cfg.tokenizer, cfg.data
     base = build_dataset(d, img_size=t.img_size, channels=t.in_chans)
     zeros, ones = [0.0] * t.in_chans, [1.0] * t.in_chans  # the tokenizer sees [0, 1] pixels

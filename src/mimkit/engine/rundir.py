@@ -1,0 +1,70 @@
+"""Starting a run in its directory: refuse to overwrite, check a resume, seed, save the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mimkit.config import ConfigError, save_config, to_dict
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.distributed import is_main, pick_device
+
+__all__ = ["RESUMABLE_CHANGES", "prepare_run"]
+
+# keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
+RESUMABLE_CHANGES = ("train.max_steps", "eval.")
+
+
+def prepare_run(cfg: Any, *, resume: bool) -> tuple[Path, torch.device]:
+    """Validate the run directory for a fresh run or a resume, seed, and write ``config.yaml``.
+
+    A fresh run refuses a ``run.dir`` that already holds checkpoints; a resume needs a complete
+    checkpoint and the saved config, except :data:`RESUMABLE_CHANGES`. Returns (run dir, device).
+    """
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        if ckpt.latest_checkpoint(ckpt_root) is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
+        _check_resume_config(cfg, run_dir)
+    elif ckpt_root.exists() and any(ckpt_root.iterdir()):
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
+            "run, or choose another run.dir"
+        )
+    device = pick_device(cfg.run.device)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.run.seed)
+    if is_main():
+        (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir, device
+
+
+def _check_resume_config(cfg: Any, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(to_dict(cfg))
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith(RESUMABLE_CHANGES):
+            continue
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
+                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may change)"
+            )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
