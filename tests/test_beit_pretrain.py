@@ -102,3 +102,20 @@ def test_beit_config_errors(tmp_path, tokenizer_path):
         run_pretrain(
             _beit(tmp_path, tokenizer_path, **{"model.patch_size": 8, "mask.num_masked": 2})
         )
+
+
+def test_beit_exact_resume(tmp_path, tokenizer_path):
+    def run(name, resume=False, **extra):
+        cfg = _beit(tmp_path / name, tokenizer_path, **{"run.deterministic": True, **extra})
+        return run_pretrain(cfg, resume=resume)
+
+    run("a", **{"train.max_steps": 7})
+    run("b", **{"train.max_steps": 3})
+    run("b", resume=True, **{"train.max_steps": 7})
+    a, b = (
+        ckpt.load_weights(
+            ckpt.latest_checkpoint(tmp_path / n / "run" / "checkpoints") / "model.safetensors"
+        )[0]
+        for n in ("a", "b")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
