@@ -41,7 +41,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"  checkpoints:    {run_dir / 'checkpoints'}")
     if result.encoder_path:
         print(f"  encoder (timm): {result.encoder_path}")
-    if result.figure_path:
+    if result.figure_path and result.figure_path.exists():
         print(f"  figure:         {result.figure_path}")
     for name, r in result.knn.items():
         print(

@@ -24,32 +24,25 @@ def build_encoder(
     cfg: ModelConfig, *, fixed_pos_embed: bool = True
 ) -> VisionTransformer | BEiTEncoder:
     """The encoder of ``cfg.method`` from a resolved :class:`ModelConfig` (presets filled in)."""
+    common = {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "drop_path": cfg.drop_path,
+    }
     if cfg.method == "beit":
         return BEiTEncoder(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            in_chans=cfg.in_chans,
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            drop_path=cfg.drop_path,
+            **common,
             layer_scale=cfg.layer_scale,
             abs_pos_emb=cfg.abs_pos_emb,
             shared_rel_pos_bias=cfg.rel_pos_bias == "shared",
             rel_pos_bias=cfg.rel_pos_bias == "per_layer",
         )
-    return VisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        drop_path=cfg.drop_path,
-        fixed_pos_embed=fixed_pos_embed,
-    )
+    return VisionTransformer(**common, fixed_pos_embed=fixed_pos_embed)
 
 
 def build_mae(cfg: PretrainConfig) -> MAE:
