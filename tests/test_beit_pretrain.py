@@ -119,3 +119,25 @@ def test_beit_exact_resume(tmp_path, tokenizer_path):
         for n in ("a", "b")
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_token_cache_gives_the_same_run_for_fixed_views(tmp_path, tokenizer_path):
+    fixed = {
+        "data.crop_scale": "[1.0,1.0]",
+        "data.hflip": 0,
+        "tokenizer.color_jitter": 0,
+        "train.max_steps": 4,
+        "run.deterministic": True,
+    }
+    plain = run_pretrain(_beit(tmp_path / "plain", tokenizer_path, **fixed))
+    cached = run_pretrain(
+        _beit(tmp_path / "cached", tokenizer_path, **fixed, **{"tokenizer.cache": True})
+    )
+    assert plain.train.loss == cached.train.loss
+    a, b = (
+        ckpt.load_weights(tmp_path / n / "run" / "encoder.safetensors")[0]
+        for n in ("plain", "cached")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="needs fixed views"):
+        _beit(tmp_path, tokenizer_path, **{"tokenizer.cache": True})

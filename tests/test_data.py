@@ -120,3 +120,22 @@ def test_resumable_sampler():
     shards = [ResumableSampler(11, seed=1, rank=r, world_size=2) for r in range(2)]
     parts = [set(x) for x in shards]
     assert not parts[0] & parts[1] and len(parts[0]) == len(parts[1]) == 5
+
+
+def test_beit_two_views_of_one_crop():
+    from mimkit.data import BEiTTransform
+    from mimkit.masking import MaskSampler
+
+    img = (torch.rand(3, 40, 36, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    tf = BEiTTransform(
+        32, 16, [0.5] * 3, [0.5] * 3, mask_fn=MaskSampler("blockwise", (4, 4), 6, min_block=2)
+    )
+    patch, tok, mask = tf(img, torch.Generator().manual_seed(3))
+    assert patch.shape == (3, 32, 32) and tok.shape == (3, 16, 16) and mask.shape == (16,)
+    assert int(mask.sum()) == 6 and tok.min() >= 0 and tok.max() <= 1
+    again = tf(img, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip((patch, tok, mask), again, strict=True))
+    # both views show the same crop: the patch view, de-normalized and downsized, is close to the
+    # tokenizer view (Lanczos vs bicubic resampling differ only slightly)
+    small = torch.nn.functional.interpolate((patch * 0.5 + 0.5)[None], size=16, mode="area")[0]
+    assert (small - tok).abs().mean() < 0.05

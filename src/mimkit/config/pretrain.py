@@ -106,6 +106,7 @@ class TokenizerRef:
     checkpoint: str | None = None  # a tokenizer .safetensors (mimkit tokenizer train / convert)
     img_size: int | None = None  # the tokenizer view; null: what the tokenizer was trained on
     color_jitter: float = 0.4  # applied to both views (BEiT), brightness/contrast for grayscale
+    cache: bool = False  # precompute the visual tokens once; needs fixed views (no augmentation)
 
 
 @dataclass
@@ -280,6 +281,16 @@ def _validate_masking(cfg: PretrainConfig) -> None:
         positive("tokenizer.img_size", tok.img_size)
     if not 0 <= tok.color_jitter < 1:
         fail("tokenizer.color_jitter", tok.color_jitter, "must be in [0, 1)")
+    if tok.cache:
+        d = cfg.data
+        fixed = list(d.crop_scale) == [1.0, 1.0] and d.hflip == 0 and tok.color_jitter == 0
+        if not fixed:
+            fail(
+                "tokenizer.cache",
+                True,
+                "needs fixed views: data.crop_scale=[1.0,1.0] data.hflip=0 "
+                "tokenizer.color_jitter=0 (augmented views change the tokens every epoch)",
+            )
 
 
 def validate_data(d: DataConfig, *, in_chans: int, chans_key: str = "model.in_chans") -> None:

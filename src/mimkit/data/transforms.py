@@ -116,10 +116,10 @@ def _jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> tor
 class BEiTTransform:
     """BEiT's two views of one crop, plus the sample's mask (BEiT Sec. 2.5 and Appendix).
 
-    One random resized crop (after colour jitter, before a flip) is resized twice: the patch view
+    One random resized crop (after colour jitter, with a flip) is resized twice: the patch view
     for the ViT (``img_size``, bicubic, normalized) and the tokenizer view (``tokenizer_size``,
-    bicubic with antialiasing on tensors where the official code uses Lanczos on PIL images; in
-    [0, 1]). The mask comes from ``mask_fn(generator) -> (N,) bool`` so it is reproducible too.
+    Lanczos, in [0, 1]), as the official code. The mask comes from ``mask_fn(generator) -> (N,)
+    bool`` so it is reproducible too.
     """
 
     def __init__(
@@ -151,11 +151,13 @@ class BEiTTransform:
         if torch.rand(1, generator=generator).item() < self.hflip:
             x = TF.horizontal_flip(x)
             left = x.shape[-1] - left - w
-        views = []
-        for size in (self.img_size, self.tokenizer_size):
-            v = TF.resized_crop(
-                x, top, left, h, w, [size, size],
-                interpolation=InterpolationMode.BICUBIC, antialias=True,
-            )  # fmt: skip
-            views.append(v.clamp(0, 1))
-        return TF.normalize(views[0], self.mean, self.std), views[1], self.mask_fn(generator)
+        patch = TF.resized_crop(
+            x, top, left, h, w, [self.img_size, self.img_size],
+            interpolation=InterpolationMode.BICUBIC, antialias=True,
+        ).clamp(0, 1)  # fmt: skip
+        # the tokenizer view is resized with Lanczos on a PIL image, as the official code
+        pil = TF.to_pil_image((x * 255).round().to(torch.uint8))
+        size = [self.tokenizer_size, self.tokenizer_size]
+        tok = TF.resized_crop(pil, top, left, h, w, size, interpolation=InterpolationMode.LANCZOS)
+        tok = TF.to_dtype(TF.pil_to_tensor(tok), torch.float32, scale=True)  # (C, T, T) in [0, 1]
+        return TF.normalize(patch, self.mean, self.std), tok, self.mask_fn(generator)

@@ -59,7 +59,9 @@ class BEiTPretrainTask:
 
     @torch.no_grad()
     def target_ids(self, tok_imgs: torch.Tensor) -> torch.Tensor:
-        """Visual tokens (B, N) of the tokenizer view (B, C, T, T) in [0, 1]."""
+        """Visual tokens (B, N) of the tokenizer view (B, C, T, T) in [0, 1], or cached ids."""
+        if not tok_imgs.is_floating_point():  # from a TokenCache: already (B, N) ids
+            return tok_imgs.long()
         return self.tokenizer.encode(tok_imgs).flatten(1)
 
     def step(self, batch: Any) -> StepOutput:
@@ -93,6 +95,34 @@ class BEiTPretrainTask:
                 "kind": self.tokenizer_meta.get("kind"),
             }
         return meta
+
+
+class TokenCache(torch.utils.data.Dataset):
+    """A BEiT view whose tokenizer view is replaced by visual tokens computed once.
+
+    Only for fixed views (validated by the config): the tokenizer then sees the same pixels every
+    epoch, so its ids (N,) per image are computed in one pass and reused.
+    """
+
+    def __init__(self, view: AugmentedView, tokenizer, *, device, batch_size: int = 256) -> None:
+        self.view = view
+        ids = []
+        with torch.no_grad():
+            for start in range(0, len(view), batch_size):
+                idx = range(start, min(start + batch_size, len(view)))
+                tok = torch.stack([view[i][0][1] for i in idx]).to(device)  # (b, C, T, T)
+                ids.append(tokenizer.encode(tok).flatten(1).to(torch.int32).cpu())  # (b, N)
+        self.ids = torch.cat(ids)  # (len, N)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, i: int):
+        (img, _, mask), label = self.view[i]
+        return (img, self.ids[i], mask), label
 
 
 class MAEPretrainTask:
@@ -277,6 +307,8 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
         ),
         seed=cfg.run.seed,
     )  # fmt: skip
+    if cfg.tokenizer.cache and tokenizer is not None:
+        view = TokenCache(view, tokenizer, device=device)
     vocab = int(meta["vocab_size"]) if meta else None
     model = build_beit(cfg, vocab_size=vocab).to(device)
     task = BEiTPretrainTask(
