@@ -100,3 +100,22 @@ def test_mask_from_bool():
     assert torch.equal(torch.gather(shuffled, 1, mk.ids_restore), x)
     with pytest.raises(ValueError, match="same number"):
         mask_from_bool(torch.tensor([[True, False], [True, True]]))
+
+
+def test_blocks_inside_the_grid_with_bounded_aspect_and_area():
+    log_aspects = []
+    for seed in range(300):
+        blocks = []
+        m = blockwise_mask((14, 14), 75, min_block=16, rng=seed, blocks=blocks)
+        assert blocks
+        cover = torch.zeros(14, 14, dtype=torch.bool)
+        for top, left, a, b in blocks:
+            assert top >= 0 and left >= 0 and top + a <= 14 and left + b <= 14
+            assert a < 14 and b < 14  # strictly smaller than the grid, as the official code
+            # r in [0.3, 1/0.3] before each side is rounded (sides >= 2 since area >= 16)
+            assert 0.3 / 2 <= a / b <= 2 / 0.3
+            log_aspects.append(math.log(a / b))
+            cover[top : top + a, left : left + b] = True
+        assert torch.equal(cover | m, m)  # every block is masked; the rest is the top-up
+    mean = sum(log_aspects) / len(log_aspects)
+    assert abs(mean) < 0.1  # log-uniform aspect ratios: tall and wide blocks alike

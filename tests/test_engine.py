@@ -168,3 +168,8 @@ def test_pretrain_on_an_image_folder(tmp_path):
         Image.fromarray(arr).save(folder / f"{i}.png")
     res = _run(tmp_path, "h", **{"data.name": "folder", "data.root": str(folder)})
     assert res.train.step == 4 and (tmp_path / "h" / "encoder.safetensors").is_file()
+
+
+def test_mae_with_blockwise_masks_from_the_pipeline(tmp_path):
+    res = _run(tmp_path, "k", **{"mask.strategy": "blockwise", "mask.min_block": 2})
+    assert res.train.step == 16 and math.isfinite(res.train.loss)

@@ -109,3 +109,16 @@ def test_overfit_one_batch(tiny_cfg):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_mae_takes_a_given_mask(tiny_cfg):
+    from mimkit.masking import blockwise_mask, mask_from_bool
+
+    torch.manual_seed(0)
+    model = build_mae(tiny_cfg).eval()
+    bools = torch.stack(
+        [blockwise_mask((4, 4), 12, min_block=2, rng=s).flatten() for s in range(3)]
+    )
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 16, 16), mask=mask_from_bool(bools))
+    assert torch.equal(out.mask.mask, bools) and out.latent.shape == (3, 1 + 4, 32)

@@ -76,6 +76,7 @@ def blockwise_mask(
     min_aspect: float = 0.3,
     max_aspect: float | None = None,
     rng: random.Random | int | None = None,
+    blocks: list[tuple[int, int, int, int]] | None = None,
 ) -> torch.Tensor:
     """Blockwise masking, Algorithm 1 of the BEiT paper, as the official generator does it.
 
@@ -86,7 +87,8 @@ def blockwise_mask(
     block). Until ``num_masked`` patches are masked. If the blocks stall before that (small grids),
     the remainder is topped up with random unmasked patches, so the count is always exact.
 
-    Returns a (h, w) bool tensor, True = masked. ``rng`` is a ``random.Random`` or a seed.
+    Returns a (h, w) bool tensor, True = masked. ``rng`` is a ``random.Random`` or a seed. If
+    ``blocks`` is a list, the accepted blocks are appended to it as (top, left, rows, columns).
     """
     h, w = grid
     total = h * w
@@ -118,6 +120,8 @@ def blockwise_mask(
                 for i, j in new:
                     mask[i][j] = True
                 added = len(new)
+                if blocks is not None:
+                    blocks.append((top, left, a, b))
                 break
         if added == 0:
             break

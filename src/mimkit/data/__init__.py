@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config import DataConfig
 from mimkit.data.datasets import FashionMNIST, ImageFolder, SyntheticImages, read_idx
-from mimkit.data.transforms import BEiTTransform, EvalTransform, PretrainTransform
+from mimkit.data.transforms import BEiTTransform, EvalTransform, PretrainTransform, WithMask
 from mimkit.data.views import AugmentedView, ResumableSampler, sample_seed
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PretrainTransform",
     "ResumableSampler",
     "SyntheticImages",
+    "WithMask",
     "build_dataset",
     "dataset_stats",
     "make_loader",

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["EvalTransform", "PretrainTransform", "crop_params"]
+__all__ = ["BEiTTransform", "EvalTransform", "PretrainTransform", "WithMask", "crop_params"]
 
 
 def crop_params(
@@ -161,3 +161,13 @@ class BEiTTransform:
         tok = TF.resized_crop(pil, top, left, h, w, size, interpolation=InterpolationMode.LANCZOS)
         tok = TF.to_dtype(TF.pil_to_tensor(tok), torch.float32, scale=True)  # (C, T, T) in [0, 1]
         return TF.normalize(patch, self.mean, self.std), tok, self.mask_fn(generator)
+
+
+class WithMask:
+    """``(transform(img, g), mask_fn(g))``: a view plus the sample's own mask (e.g. blockwise)."""
+
+    def __init__(self, transform, mask_fn) -> None:
+        self.transform, self.mask_fn = transform, mask_fn
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator):
+        return self.transform(img, generator), self.mask_fn(generator)

@@ -98,9 +98,13 @@ class MAE(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))  # (B, 1+N, P)
         return x[:, 1:]  # (B, N, P) drop the cls token
 
-    def forward(self, imgs: torch.Tensor, *, noise: torch.Tensor | None = None) -> MAEOutput:
-        """imgs (B, C, H, W); ``noise`` (B, N) fixes the mask (same noise -> same mask)."""
-        mask = self.mask(imgs.shape[0], noise=noise, device=imgs.device)
+    def forward(
+        self, imgs: torch.Tensor, *, noise: torch.Tensor | None = None, mask: Mask | None = None
+    ) -> MAEOutput:
+        """imgs (B, C, H, W); ``noise`` (B, N) fixes the random mask (same noise -> same mask);
+        ``mask`` gives one directly (e.g. blockwise, from the data pipeline; equal counts)."""
+        if mask is None:
+            mask = self.mask(imgs.shape[0], noise=noise, device=imgs.device)
         latent = self.encoder.forward_features(imgs, mask)  # (B, 1+K, D)
         return MAEOutput(pred=self.decode(latent, mask), mask=mask, latent=latent)
 

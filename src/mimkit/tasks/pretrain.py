@@ -16,6 +16,7 @@ from mimkit.data import (
     BEiTTransform,
     EvalTransform,
     PretrainTransform,
+    WithMask,
     build_dataset,
     dataset_stats,
 )
@@ -23,7 +24,7 @@ from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
-from mimkit.masking import MaskSampler, mask_from_bool
+from mimkit.masking import MaskSampler, mask_from_bool, num_visible
 from mimkit.models import build_beit, build_encoder, build_mae
 from mimkit.models.beit import BEiT, mim_pixel_loss, mim_token_loss
 from mimkit.models.mae import MAE, from_official_layout, to_official_layout
@@ -135,8 +136,12 @@ class MAEPretrainTask:
         self.device = next(model.parameters()).device
 
     def step(self, batch: Any) -> StepOutput:
-        imgs = batch[0].to(self.device, non_blocking=True)  # (B, C, H, W) normalized
-        out = self.model(imgs)
+        x, mask = batch[0], None
+        if isinstance(x, (list, tuple)):  # (images, (B, N) bool masks) from the data pipeline
+            x, mask_bool = x
+            mask = mask_from_bool(mask_bool.to(self.device))
+        imgs = x.to(self.device, non_blocking=True)  # (B, C, H, W) normalized
+        out = self.model(imgs, mask=mask)  # no pipeline mask: random masking in the step (MAE)
         return StepOutput(loss=self.model.loss(imgs, out), logs={})
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -256,12 +261,15 @@ class _Figure:
 
 
 def _mae_setup(cfg, base, mean, std, device, run_dir):
-    m, d = cfg.model, cfg.data
-    view = AugmentedView(
-        base,
-        PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip),
-        seed=cfg.run.seed,
-    )
+    m, d, mk = cfg.model, cfg.data, cfg.mask
+    transform = PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip)
+    if mk.strategy == "blockwise":  # masks from the pipeline, as many as random masking hides
+        grid = (m.img_size // m.patch_size,) * 2
+        n = grid[0] * grid[1]
+        num_masked = mk.num_masked or n - num_visible(n, mk.ratio)
+        sampler = MaskSampler("blockwise", grid, num_masked, min_block=mk.min_block)
+        transform = WithMask(transform, sampler)
+    view = AugmentedView(base, transform, seed=cfg.run.seed)
     model = build_mae(cfg).to(device)
     task = MAEPretrainTask(model, cfg, mean=mean, std=std)
     eval_tf = EvalTransform(m.img_size, mean, std)
