@@ -1,4 +1,5 @@
 import pytest
+import timm
 import torch
 from timm.models.beit import Beit
 
@@ -23,11 +24,12 @@ def test_encoder_is_timm_beit_key_for_key(pos):
         for n, p in ours.named_parameters():
             if "relative_position_bias_table" in n or "gamma" in n:
                 p.normal_(0, 0.5)
-    ref = Beit(
-        **ARGS, num_classes=0, use_fc_norm=False, init_values=0.1,
-        use_abs_pos_emb=pos["abs_pos_emb"], use_shared_rel_pos_bias=pos["shared_rel_pos_bias"],
-        use_rel_pos_bias=pos["rel_pos_bias"],
+    ref = timm.create_model(
+        "beit_base_patch16_224", pretrained=False, **ARGS, num_classes=0, use_fc_norm=False,
+        init_values=0.1, use_abs_pos_emb=pos["abs_pos_emb"],
+        use_shared_rel_pos_bias=pos["shared_rel_pos_bias"], use_rel_pos_bias=pos["rel_pos_bias"],
     ).eval()  # fmt: skip
+    assert isinstance(ref, Beit)
     state = {k: v for k, v in ours.state_dict().items() if k != "mask_token"}
     ref.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 32, 32)
