@@ -1,4 +1,4 @@
-"""``mimkit pretrain``: MAE pretraining, figures, the encoder export and the k-NN evaluation."""
+"""``mimkit pretrain``: MAE or BEiT pretraining, figures, the encoder export and k-NN."""
 
 from __future__ import annotations
 
@@ -197,22 +197,21 @@ class PretrainResult:
 
 
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
-    """Pretrain an MAE as ``cfg`` says; write everything to ``cfg.run.dir``."""
+    """Pretrain an MAE or a BEiT as ``cfg`` says; write everything to ``cfg.run.dir``."""
     run_dir, device = prepare_run(cfg, resume=resume)
 
     m = cfg.model
     base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
     mean, std = dataset_stats(cfg.data, base)
     if m.method == "beit":
-        task, train_view, figure = _beit_setup(cfg, base, mean, std, device, run_dir)
+        task, train_view, fig_path, draw = _beit_setup(cfg, base, mean, std, device, run_dir)
     else:
-        task, train_view, figure = _mae_setup(cfg, base, mean, std, device, run_dir)
+        task, train_view, fig_path, draw = _mae_setup(cfg, base, mean, std, device, run_dir)
     model, d = task.model, cfg.data
-    fig_path = figure.path
 
     def on_epoch_end(epoch: int, final: bool) -> None:
         if final or epoch % cfg.train.figure_every_epochs == 0:
-            figure(epoch)
+            draw(epoch)
 
     trainer = Trainer(
         task,
@@ -250,17 +249,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     return PretrainResult(run_dir, result, encoder_path, fig_path, knn)
 
 
-class _Figure:
-    """The run's figure: ``figure(epoch)`` draws it to ``figure.path``."""
-
-    def __init__(self, path: Path, draw) -> None:
-        self.path, self._draw = path, draw
-
-    def __call__(self, epoch: int) -> None:
-        self._draw(epoch)
-
-
 def _mae_setup(cfg, base, mean, std, device, run_dir):
+    """(task, training view, figure path, draw(epoch)) for MAE."""
     m, d, mk = cfg.model, cfg.data, cfg.mask
     transform = PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip)
     if mk.strategy == "blockwise":  # masks from the pipeline, as many as random masking hides
@@ -282,10 +272,11 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
             title=f"MAE reconstructions, epoch {epoch} (mask ratio {cfg.mask.ratio})",
         )  # fmt: skip
 
-    return task, view, _Figure(path, draw)
+    return task, view, path, draw
 
 
 def _beit_setup(cfg, base, mean, std, device, run_dir):
+    """(task, training view, figure path, draw(epoch)) for BEiT; loads and checks the tokenizer."""
     m, d, mk = cfg.model, cfg.data, cfg.mask
     grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
     tokenizer, meta, tok_size = None, None, m.img_size
@@ -333,7 +324,7 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
             title=f"BEiT predictions, epoch {epoch} ({num_masked} of {n} patches masked)",
         )  # fmt: skip
 
-    return task, view, _Figure(path, draw)
+    return task, view, path, draw
 
 
 def evaluate_knn(

@@ -100,24 +100,24 @@ def evaluate_tokenizer(model: DiscreteVAE, dataset, *, device, batch_size: int =
     """Reconstruction through hard tokens (MSE, PSNR) and codebook usage on ``dataset``."""
     was_training = model.training
     model.eval()
-    mse, psnrs, floors, ids_all = [], [], [], []
+    # per-image means, summed over batches (psnr() averages per-image PSNR within a batch)
+    sums = {"recon_mse": 0.0, "psnr": 0.0, "psnr_floor": 0.0}
+    ids_all = []
     for imgs, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         imgs = imgs.to(device)
         ids = model.encode(imgs)  # (B, h, w)
         recon = model.decode(ids)
-        mse.append((recon - imgs).pow(2).flatten(1).mean(1).cpu())
-        psnrs.append(torch.full((len(imgs),), float(psnr(recon, imgs))))
-        # the floor: each image replaced by its mean intensity (a constant image)
-        flat = imgs.mean(dim=(1, 2, 3), keepdim=True).expand_as(imgs)
-        floors.append(torch.full((len(imgs),), float(psnr(flat, imgs))))
+        flat = imgs.mean(dim=(1, 2, 3), keepdim=True).expand_as(imgs)  # the floor: constant images
+        n = len(imgs)
+        sums["recon_mse"] += float((recon - imgs).pow(2).mean()) * n
+        sums["psnr"] += float(psnr(recon, imgs)) * n
+        sums["psnr_floor"] += float(psnr(flat, imgs)) * n
         ids_all.append(ids.cpu())
     model.train(was_training)
     ids = torch.cat(ids_all)
     usage = codebook_usage(ids, model.vocab_size)
     return {
-        "recon_mse": float(torch.cat(mse).mean()),
-        "psnr": float(torch.cat(psnrs).mean()),
-        "psnr_floor": float(torch.cat(floors).mean()),
+        **{k: v / len(ids) for k, v in sums.items()},
         "perplexity": float(usage.perplexity),
         "codes_used": float(usage.fraction_used),
         "num_images": len(ids),
