@@ -97,12 +97,124 @@ def _cmd_convert_dalle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from mimkit.config.downstream import FinetuneConfig
+    from mimkit.tasks.finetune import run_finetune
+
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    r = run_finetune(cfg, resume=args.resume)
+    print(f"\nrun directory: {r.run_dir}")
+    print(f"  steps {r.train.step}, epochs {r.train.epoch}, last loss {r.train.loss:.4f}")
+    if r.best:
+        print(
+            f"  best top-1 {r.best['top1']:.2f}% / top-5 {r.best['top5']:.2f}% at epoch "
+            f"{r.best['epoch']} ({r.best['which']} weights): {r.best_path}"
+        )
+    if r.last:
+        print(f"  last top-1 {r.last['top1']:.2f}% / top-5 {r.last['top5']:.2f}%: {r.last_path}")
+    print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}")
+    print(f"  figure:  {r.run_dir / 'figures' / 'finetune_curves.png'}")
+    if r.train.stopped_early:
+        print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")
+    return 0
+
+
+def _cmd_linprobe(args: argparse.Namespace) -> int:
+    from mimkit.config.downstream import LinprobeConfig
+    from mimkit.tasks.linprobe import run_linprobe
+
+    cfg = load_config(args.config, args.overrides, schema=LinprobeConfig)
+    r = run_linprobe(cfg)
+    print(f"\nrun directory: {r.run_dir}")
+    print(
+        f"  linear probe top-1 {r.top1:.2f}% / top-5 {r.top5:.2f}% (block {r.layer + 1}, "
+        f"{cfg.probe.pool} pool, {cfg.probe.optimizer}, {r.num_train} train / {r.num_test} test)"
+    )
+    if len(r.per_layer_top1) > 1:
+        print("  test top-1 by block: " + " ".join(f"{a:.1f}" for a in r.per_layer_top1))
+    if r.raw_pixels:
+        print(f"  raw pixels, same probe: top-1 {r.raw_pixels['top1']:.2f}%")
+    print(f"  results: {r.run_dir / 'eval.json'}, probe: {r.run_dir / 'probe.safetensors'}")
+    return 0
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    from mimkit.config.downstream import KnnCommandConfig
+    from mimkit.tasks.knn import run_knn
+
+    cfg = load_config(args.config, args.overrides, schema=KnnCommandConfig)
+    for name, r in run_knn(cfg).items():
+        print(
+            f"k-NN top-1 ({name}): {r.top1:.2f}%  (k={r.k}, T={r.temperature}, {r.pool}, "
+            f"{r.num_train} train / {r.num_test} test)"
+        )
+    print(f"results: {cfg.run.dir}/eval.json")
+    return 0
+
+
+def _patch(text: str) -> tuple[int, int] | str:
+    if text == "cls":
+        return "cls"
+    try:
+        row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROW,COL (e.g. 3,4) or cls") from None
+    return row, col
+
+
+def _cmd_visualize_attention(args: argparse.Namespace) -> int:
+    from mimkit.tasks.visualize import visualize_attention
+
+    paths = visualize_attention(
+        args.checkpoint,
+        paths=args.images,
+        fashion_mnist=args.fashion_mnist,
+        patches=args.patch,
+        block=args.block,
+        out=args.out,
+    )
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def _cmd_visualize_reconstruction(args: argparse.Namespace) -> int:
+    from mimkit.tasks.visualize import visualize_reconstruction
+
+    path = visualize_reconstruction(
+        args.checkpoint,
+        paths=args.images,
+        fashion_mnist=args.fashion_mnist,
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        out=args.out,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _schema(kind: str, path: str) -> type:
+    from mimkit.config import PretrainConfig, TokenizerConfig
+    from mimkit.config.downstream import FinetuneConfig, KnnCommandConfig, LinprobeConfig
+
+    schemas = {
+        "pretrain": PretrainConfig,
+        "tokenizer": TokenizerConfig,
+        "finetune": FinetuneConfig,
+        "linprobe": LinprobeConfig,
+        "knn": KnnCommandConfig,
+    }
+    if kind == "auto":  # configs/<kind>/recipe.yaml
+        kind = Path(path).parent.name if Path(path).parent.name in schemas else "pretrain"
+    return schemas[kind]
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from mimkit.config import to_dict
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, schema=_schema(args.kind, args.config))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -145,6 +257,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained (or random) ViT for classification",
+        description="Fine-tune end to end (BEiT / MAE protocol: layer-wise lr decay, Mixup/CutMix, "
+        "RandAugment, label smoothing, drop path). model.init: a pretraining or fine-tuning run, "
+        "checkpoint or .safetensors file; null trains from scratch. Writes config.yaml, "
+        "metrics.jsonl, eval.json, checkpoints/, model_best.safetensors, "
+        "model_last.safetensors and figures/finetune_curves.png to run.dir.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "linprobe",
+        help="linear probe on frozen features",
+        description="Linear probing (MAE: BatchNorm without affine + linear, LARS; BEiT: the best "
+        "block with probe.layers=all) on cached frozen features. Writes eval.json, "
+        "probe.safetensors and metrics.jsonl to run.dir.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_linprobe)
+
+    p = sub.add_parser(
+        "knn",
+        help="weighted k-NN on frozen features",
+        description="Weighted k-NN (cosine similarity, temperature) on the frozen features of any "
+        "block. Writes eval.json to run.dir.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_knn)
+
+    p = sub.add_parser(
+        "visualize",
+        help="attention maps and MAE reconstructions as PNG",
+        description="Figures from checkpoints.",
+    )
+    vis = p.add_subparsers(dest="visualize_what", metavar="FIGURE", required=True)
+
+    def _image_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+        q.add_argument(
+            "--fashion-mnist",
+            type=int,
+            nargs="+",
+            default=[],
+            metavar="INDEX",
+            help="Fashion-MNIST test images by index (data from MIMKIT_FMNIST_ROOT or "
+            "/usr/share/datasets/fashion-mnist)",
+        )
+
+    p = vis.add_parser(
+        "attention",
+        help="self-attention of reference patches (BEiT Figure 3)",
+        description="For chosen reference patches, the self-attention of a block (default: the "
+        "last) over the image, for each head and their mean. CHECKPOINT: any mimkit encoder, "
+        "pretraining or fine-tuning checkpoint or run directory.",
+    )
+    p.add_argument("checkpoint")
+    _image_args(p)
+    p.add_argument(
+        "--patch",
+        type=_patch,
+        action="append",
+        metavar="ROW,COL|cls",
+        help="reference patch on the patch grid, repeatable (default: the centre and cls)",
+    )
+    p.add_argument("--block", type=int, default=-1, help="block index (default -1, the last)")
+    p.add_argument("--out", default="attention.png", help="PNG path (one per image: _0, _1 ...)")
+    p.set_defaults(func=_cmd_visualize_attention)
+
+    p = vis.add_parser(
+        "reconstruction",
+        help="MAE reconstructions of images",
+        description="Original | masked | reconstruction | reconstruction + visible for an MAE "
+        "checkpoint with its decoder (a pretraining run directory or checkpoints/ckpt-*).",
+    )
+    p.add_argument("checkpoint")
+    _image_args(p)
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the pretraining's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    p.add_argument("--out", default="reconstruction.png", help="PNG path")
+    p.set_defaults(func=_cmd_visualize_reconstruction)
+
+    p = sub.add_parser(
         "tokenizer",
         help="visual tokenizers for BEiT",
         description="Train a discrete VAE tokenizer whose token grid matches a ViT patch grid.",
@@ -183,9 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "config", help="print a resolved recipe", description="Validate a recipe with its "
-        "overrides and print the resolved config (presets and the absolute lr filled in)."
+        "overrides and print the resolved config (presets, the absolute lr and, downstream, the "
+        "architecture of model.init filled in)."
     )  # fmt: skip
     _add_config_args(p)
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "pretrain", "tokenizer", "finetune", "linprobe", "knn"],
+        help="the command the recipe is for (auto: the recipe's folder name under configs/, "
+        "else pretrain)",
+    )
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser(

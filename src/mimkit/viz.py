@@ -9,13 +9,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 from mimkit.models.mae import MAE
 from mimkit.targets import denormalize_patches, patchify, unpatchify
 
 __all__ = [
     "mae_reconstruction_panels",
+    "save_attention_figure",
     "save_beit_figure",
+    "save_curves",
     "save_grid",
     "save_reconstruction_figure",
     "save_tokenizer_figure",
@@ -156,3 +159,130 @@ def save_beit_figure(task, samples, path: str | Path, *, mean, std, title: str |
         "predicted at masked": tokenizer.decode(pred_ids.view(-1, h, w)),
     }
     return save_grid(columns, path, title=title)
+
+
+@torch.no_grad()
+def save_attention_figure(
+    probs: torch.Tensor,
+    image: torch.Tensor,
+    path: str | Path,
+    *,
+    patches: list[tuple[int, int] | str],
+    grid: tuple[int, int],
+    mean: list[float],
+    std: list[float],
+    title: str | None = None,
+) -> Path:
+    """Self-attention of reference patches over the image, per head (BEiT paper, Figure 3).
+
+    probs: (H, T, T) or (1, H, T, T) attention probabilities of one image (T = 1 + h*w, e.g. from
+    :func:`~mimkit.models.attention.attention_maps`); image: (C, S, S') or (1, C, S, S') in the
+    normalized input space; grid: the (h, w) patch grid. One row per entry of ``patches``, a
+    (row, col) patch or "cls": the image with the reference patch outlined, then that query's
+    attention over the h*w patch tokens (the cls key dropped, upsampled nearest to the image) as a
+    heat map over the image for each head and for the mean over heads. Each heat map is scaled to
+    its own maximum.
+    """
+    if probs.ndim == 4:
+        if probs.shape[0] != 1:
+            raise ValueError(f"probs must be of one image, got {tuple(probs.shape)}")
+        probs = probs[0]
+    image = image[0] if image.ndim == 4 else image
+    h, w = grid
+    heads, tokens = probs.shape[0], probs.shape[-1]
+    if probs.ndim != 3 or probs.shape[1] != tokens or tokens != 1 + h * w:
+        raise ValueError(f"probs {tuple(probs.shape)} do not fit a {h}x{w} grid plus a cls token")
+    c, sh, sw = image.shape
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    pic = (image.detach().cpu().float() * s + m).clamp(0, 1)  # (C, S, S') in [0, 1]
+    pic = pic.permute(1, 2, 0).expand(-1, -1, 3) if c == 1 else pic.permute(1, 2, 0)
+    gray = pic.mean(-1).numpy()  # (S, S')
+    probs = probs.detach().cpu().float()
+    ph, pw = sh / h, sw / w  # patch size in pixels
+
+    queries: list[tuple[str, int, tuple[int, int] | None]] = []
+    for ref in patches:
+        if ref == "cls":
+            queries.append(("cls", 0, None))
+            continue
+        r, col = ref
+        if not (0 <= r < h and 0 <= col < w):
+            raise ValueError(f"reference patch {ref} is outside the {h}x{w} grid")
+        queries.append((f"patch ({r}, {col})", 1 + r * w + col, (r, col)))
+
+    cols = heads + 2
+    fig, axes = plt.subplots(
+        len(queries), cols, figsize=(2.0 * cols, 2.0 * len(queries)), squeeze=False
+    )
+    for i, (name, q, ref) in enumerate(queries):
+        maps = probs[:, q, 1:].reshape(heads, h, w)  # (H, h, w), the cls key dropped
+        maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (H+1, h, w): heads, then mean
+        up = F.interpolate(maps[None], size=(sh, sw), mode="nearest")[0]  # (H+1, S, S')
+        ax = axes[i][0]
+        ax.imshow(pic.numpy())
+        if ref is not None:
+            r, col = ref
+            box = plt.Rectangle(
+                (col * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="red", linewidth=2
+            )
+            ax.add_patch(box)
+        ax.set_title(f"query: {name}", fontsize=9)
+        for j in range(heads + 1):
+            ax = axes[i][j + 1]
+            heat = up[j] / up[j].max().clamp_min(1e-12)
+            ax.imshow(gray, cmap="gray", vmin=0.0, vmax=1.0)  # the image, muted, under the heat
+            ax.imshow(heat.numpy(), cmap="inferno", alpha=0.65, vmin=0.0, vmax=1.0)
+            if i == 0:
+                ax.set_title(f"head {j}" if j < heads else "mean of heads", fontsize=9)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_curves(
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    path: str | Path,
+    *,
+    xlabel: str = "step",
+    title: str | None = None,
+    errors: dict[str, dict[str, list[float]]] | None = None,
+    logx: bool = False,
+) -> Path:
+    """Line plots: one panel per key of ``panels``, one line per ``{label: [(x, y), ...]}``.
+
+    ``errors[panel][label]`` gives a symmetric error bar per point (e.g. the std over seeds).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6), squeeze=False)
+    for ax, (name, lines) in zip(axes[0], panels.items(), strict=True):
+        for label, points in lines.items():
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            err = (errors or {}).get(name, {}).get(label)
+            if err is not None:
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=3, label=label)
+            else:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -7,7 +7,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config import DataConfig
 from mimkit.data.datasets import FashionMNIST, ImageFolder, SyntheticImages, read_idx
-from mimkit.data.transforms import BEiTTransform, EvalTransform, PretrainTransform, WithMask
+from mimkit.data.labels import class_balanced_subset, dataset_labels, labeled_subset
+from mimkit.data.transforms import (
+    BEiTTransform,
+    EvalTransform,
+    FinetuneTransform,
+    PretrainTransform,
+    WithMask,
+)
 from mimkit.data.views import AugmentedView, ResumableSampler, sample_seed
 
 __all__ = [
@@ -15,13 +22,17 @@ __all__ = [
     "BEiTTransform",
     "EvalTransform",
     "FashionMNIST",
+    "FinetuneTransform",
     "ImageFolder",
     "PretrainTransform",
     "ResumableSampler",
     "SyntheticImages",
     "WithMask",
     "build_dataset",
+    "class_balanced_subset",
+    "dataset_labels",
     "dataset_stats",
+    "labeled_subset",
     "make_loader",
     "read_idx",
     "sample_seed",

@@ -6,14 +6,25 @@ resumed run, any number of data-loader workers, or another rank sees exactly the
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["BEiTTransform", "EvalTransform", "PretrainTransform", "WithMask", "crop_params"]
+__all__ = [
+    "BEiTTransform",
+    "EvalTransform",
+    "FinetuneTransform",
+    "PretrainTransform",
+    "WithMask",
+    "crop_params",
+    "seeded_globals",
+]
 
 
 def crop_params(
@@ -171,3 +182,77 @@ class WithMask:
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator):
         return self.transform(img, generator), self.mask_fn(generator)
+
+
+@contextlib.contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global CPU generators, and restore them afterwards.
+
+    timm's augmentations (RandAugment, random erasing, Mixup) draw from the global generators;
+    seeding them from the sample's own generator keeps per-sample randomness a function of
+    (seed, epoch, index) without disturbing anyone else's random stream.
+    """
+    py, npy, pt = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(pt)
+
+
+class FinetuneTransform:
+    """Fine-tuning augmentation (DeiT, BEiT, MAE): random resized crop, flip, RandAugment,
+    normalize, random erasing, with timm's operators."""
+
+    def __init__(
+        self,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+        reprob: float = 0.25,
+        remode: str = "pixel",
+    ) -> None:
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.random_erasing import RandomErasing
+
+        self.crop = PretrainTransform(
+            img_size, [0.0] * len(mean), [1.0] * len(std), scale=scale, ratio=ratio, hflip=hflip
+        )
+        self.mean, self.std = list(mean), list(std)
+        fill = tuple(round(255 * m) for m in mean)
+        self.rand_augment = (
+            rand_augment_transform(
+                rand_augment,
+                {
+                    "translate_const": int(img_size * 0.45),
+                    "img_mean": fill if len(fill) > 1 else fill[0],
+                },
+            )
+            if rand_augment
+            else None
+        )
+        self.erase = (
+            RandomErasing(reprob, mode=remode, max_count=1, device="cpu") if reprob > 0 else None
+        )
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 (C, H, W) -> normalized float (C, S, S)."""
+        x = self.crop(img, generator)  # in [0, 1]
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with seeded_globals(seed):
+            if self.rand_augment is not None:
+                pil = TF.to_pil_image((x * 255).round().to(torch.uint8))
+                x = TF.to_dtype(TF.pil_to_tensor(self.rand_augment(pil)), torch.float32, scale=True)
+            x = TF.normalize(x, self.mean, self.std)
+            if self.erase is not None:
+                x = self.erase(x)
+        return x

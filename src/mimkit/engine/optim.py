@@ -9,7 +9,13 @@ from torch import nn
 
 from mimkit.config import OptimConfig
 
-__all__ = ["build_optimizer", "cosine_lr", "param_groups", "set_lr"]
+__all__ = [
+    "build_optimizer",
+    "cosine_lr",
+    "layer_decay_param_groups",
+    "param_groups",
+    "set_lr",
+]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,10 +40,53 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _exempt(model: nn.Module, name: str, p: nn.Parameter, skip: set[str]) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or name in skip
+
+
+def layer_decay_param_groups(
+    model: nn.Module, *, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """Groups for layer-wise lr decay (BEiT Sec. 3.1 fine-tuning; MAE's ``param_groups_lrd``).
+
+    A parameter of layer ``i`` (``model.layer_id``: 0 the embeddings, 1..depth the blocks,
+    ``num_layers - 1`` the final norm and head) gets ``lr_scale = layer_decay ** (num_layers - 1
+    - i)``; weight decay as :func:`param_groups`. Each group also lists its parameter ``names``.
+    """
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    top = model.num_layers - 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, exempt = model.layer_id(name), _exempt(model, name, p, skip)
+        group = groups.setdefault(
+            (layer, exempt),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if exempt else weight_decay,
+                "lr_scale": layer_decay ** (top - layer),
+                "layer_id": layer,
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; the lr is set every step by :func:`set_lr`."""
+    """AdamW over :func:`param_groups`, or :func:`layer_decay_param_groups` when the config has
+    ``layer_decay`` (fine-tuning); the lr is set every step by :func:`set_lr`."""
+    layer_decay = getattr(cfg, "layer_decay", None)
+    if layer_decay is not None:
+        groups = layer_decay_param_groups(
+            model, weight_decay=cfg.weight_decay, layer_decay=layer_decay
+        )
+    else:
+        groups = param_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,

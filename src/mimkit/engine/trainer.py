@@ -2,8 +2,9 @@
 
 A task provides ``model`` (an nn.Module), ``step(batch) -> StepOutput`` (loss and logs),
 ``weights()`` / ``load_weights()`` (what a checkpoint holds) and ``metadata()`` (provenance); it
-may have a ``name`` (the progress bar's label) and ``on_step(step, total_steps, steps_per_epoch)``
-(called before every micro-step, for step-dependent schedules). Everything else (optimizer,
+may have a ``name`` (the progress bar's label), ``on_step(step, total_steps, steps_per_epoch)``
+(called before every micro-step, for step-dependent schedules) and ``after_step(step)`` (called
+after every optimizer step, e.g. for a weight EMA). Everything else (optimizer,
 schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives here.
 """
 
@@ -262,4 +263,6 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if hasattr(self.task, "after_step"):
+            self.task.after_step(self.step)
         return lr

@@ -21,9 +21,13 @@ __all__ = [
 
 
 def build_encoder(
-    cfg: ModelConfig, *, fixed_pos_embed: bool = True
+    cfg: ModelConfig, *, fixed_pos_embed: bool = True, mask_token: bool = True
 ) -> VisionTransformer | BEiTEncoder:
-    """The encoder of ``cfg.method`` from a resolved :class:`ModelConfig` (presets filled in)."""
+    """The encoder of ``cfg.method`` from a resolved :class:`ModelConfig` (presets filled in).
+
+    Downstream models pass ``fixed_pos_embed=False`` (MAE fine-tuning trains the position
+    embeddings) and ``mask_token=False`` (BEiT's mask embedding is for pretraining only).
+    """
     common = {
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,
@@ -41,6 +45,7 @@ def build_encoder(
             abs_pos_emb=cfg.abs_pos_emb,
             shared_rel_pos_bias=cfg.rel_pos_bias == "shared",
             rel_pos_bias=cfg.rel_pos_bias == "per_layer",
+            mask_token=mask_token,
         )
     return VisionTransformer(**common, fixed_pos_embed=fixed_pos_embed)
 

@@ -14,7 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.models.vit import VisionTransformer
 
-__all__ = ["KnnResult", "extract_features", "knn_evaluate", "knn_evaluate_pixels", "knn_predict"]
+__all__ = [
+    "KnnResult",
+    "extract_features",
+    "knn_evaluate",
+    "knn_evaluate_pixels",
+    "knn_predict",
+    "run_knn",
+]
 
 
 @torch.no_grad()
@@ -23,17 +30,27 @@ def extract_features(
     dataset: Dataset,
     *,
     pool: str = "avg",
+    layer: int = -1,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (M, D) float32 on CPU, labels (M,)) of a dataset yielding (image, label)."""
+    """(features (M, D) float32 on CPU, labels (M,)) of a dataset yielding (image, label).
+
+    ``layer``: the block whose output is pooled (-1, the last: ``forward_features``); an earlier
+    block's tokens go through the final norm too.
+    """
+    last = layer in (-1, encoder.depth - 1)
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for imgs, y in loader:
-        tokens = encoder.forward_features(imgs.to(device))  # (B, 1+N, D)
+        x = imgs.to(device)
+        if last:
+            tokens = encoder.forward_features(x)  # (B, 1+N, D)
+        else:
+            tokens = encoder.forward_intermediates(x, [layer], norm=True)[0]
         feats.append(encoder.pool(tokens, pool).float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
@@ -85,16 +102,14 @@ def knn_evaluate(
     k: int = 20,
     temperature: float = 0.07,
     pool: str = "avg",
+    layer: int = -1,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> KnnResult:
-    """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features."""
-    tr_f, tr_y = extract_features(
-        encoder, train_set, pool=pool, batch_size=batch_size, device=device
-    )
-    te_f, te_y = extract_features(
-        encoder, test_set, pool=pool, batch_size=batch_size, device=device
-    )
+    """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features (block ``layer``)."""
+    opts = dict(pool=pool, layer=layer, batch_size=batch_size, device=device)
+    tr_f, tr_y = extract_features(encoder, train_set, **opts)
+    te_f, te_y = extract_features(encoder, test_set, **opts)
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
     top1 = 100.0 * (pred == te_y).float().mean().item()
     return KnnResult(top1, k, temperature, pool, len(tr_f), len(te_f))
@@ -114,3 +129,51 @@ def knn_evaluate_pixels(
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
     top1 = 100.0 * (pred == te_y).float().mean().item()
     return KnnResult(top1, k, temperature, "pixels", len(tr_f), len(te_f))
+
+
+def run_knn(cfg) -> dict[str, KnnResult]:
+    """``mimkit knn``: k-NN of ``model.init`` (or a random init) on the data's two splits.
+
+    Writes ``eval.json`` (and a line in ``metrics.jsonl``) to ``run.dir``; returns the results
+    ("encoder" and, with ``knn.raw_pixels``, "raw_pixels").
+    """
+    import dataclasses
+    import json
+
+    from mimkit.data import AugmentedView, EvalTransform
+    from mimkit.engine.rundir import prepare_run
+    from mimkit.tasks.downstream import classify_data, load_encoder
+    from mimkit.tasks.finetune import load_encoder_meta_mean_std
+
+    run_dir, device = prepare_run(cfg, resume=False)
+    e, k = cfg.model, cfg.knn
+    mean, std = load_encoder_meta_mean_std(e.init)
+    data = classify_data(
+        cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed, mean=mean, std=std
+    )
+    loaded = load_encoder(e)
+    for note in loaded.notes:
+        print(f"knn: {note}", flush=True)
+    tf = EvalTransform(e.img_size, data.mean, data.std)
+    train, test = (AugmentedView(ds, tf) for ds in (data.train, data.eval))
+    results = {
+        "encoder": knn_evaluate(
+            loaded.encoder.to(device),
+            train,
+            test,
+            k=k.k,
+            temperature=k.temperature,
+            pool=k.pool,
+            layer=k.layer,
+            batch_size=k.batch_size,
+            device=device,
+        )
+    }
+    if k.raw_pixels:
+        results["raw_pixels"] = knn_evaluate_pixels(train, test, k=k.k, temperature=k.temperature)
+    record = {name: dataclasses.asdict(r) for name, r in results.items()}
+    record["encoder"] |= {"init": e.init or "none", "layer": k.layer}
+    (run_dir / "eval.json").write_text(json.dumps({"knn": record}, indent=2) + "\n")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "eval", "step": 0, "knn": record}) + "\n")
+    return results

@@ -1,0 +1,342 @@
+"""Config trees of the downstream commands: ``finetune``, ``linprobe`` and ``knn``.
+
+They share the data section (a training split with an optional label fraction, and an evaluation
+split) and the model section (an encoder from a checkpoint, or built from scratch). Architecture
+keys left null are read from the ``model.init`` checkpoint's provenance when the config is
+resolved, so the saved ``config.yaml`` states the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mimkit.config.core import ConfigError, fail, positive, world_size
+from mimkit.config.pretrain import (
+    VIT_PRESETS,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    validate_data,
+    validate_optim,
+    validate_run,
+    validate_train,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "ClassifyDataConfig",
+    "EmaConfig",
+    "EncoderConfig",
+    "FinetuneConfig",
+    "FinetuneOptimConfig",
+    "KnnCommandConfig",
+    "KnnEvalConfig",
+    "LinprobeConfig",
+    "ProbeConfig",
+]
+
+
+@dataclass
+class ClassifyDataConfig(DataConfig):
+    # evaluation split: fashion_mnist/synthetic use eval_split; folder needs eval_root (class
+    # subfolders, as data.root)
+    eval_split: str = "test"
+    eval_root: str | None = None
+    eval_max_samples: int | None = None
+    # a seeded, class-balanced subset of the training labels (1.0: all of them)
+    label_fraction: float = 1.0
+    label_seed: int | None = None  # null: run.seed
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+
+
+_ARCH_KEYS = ("method", "arch", "img_size", "patch_size", "in_chans", "embed_dim", "depth",
+              "num_heads", "mlp_ratio")  # fmt: skip
+
+
+@dataclass
+class EncoderConfig:
+    """The encoder (and head) of a downstream run.
+
+    ``init``: a mimkit checkpoint (a pretraining run directory, its ``encoder.safetensors``, a
+    ``checkpoints/ckpt-*`` directory, or a fine-tuned ``model_*.safetensors``), or null to start
+    from random weights (the from-scratch baseline). Null architecture keys come from ``init``.
+    """
+
+    init: str | None = None
+    method: str | None = None  # mae (plain ViT) | beit
+    arch: str | None = None
+    img_size: int | None = None  # differs from init's: position tables are interpolated
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    layer_scale: float | None = None  # BEiT; null: init's (0.1 from scratch); 0 disables
+    rel_pos_bias: str | None = None  # BEiT: null -> per_layer (the shared table copied per block)
+    abs_pos_emb: bool | None = None  # BEiT; null: init's (false from scratch)
+    drop_path: float = 0.1
+    pool: str = "avg"  # avg: mean of patch tokens + fc_norm (BEiT, MAE global pool) | cls
+    num_classes: int | None = None  # null: from the training data
+    head_init_std: float = 2e-5  # MAE: trunc_normal(2e-5); BEiT: 0.02 * init_scale 0.001
+
+    def model_config(self) -> ModelConfig:
+        """The resolved :class:`ModelConfig` for :func:`mimkit.models.build_encoder`."""
+        return ModelConfig(
+            method=self.method,
+            arch=self.arch,
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            drop_path=self.drop_path,
+            layer_scale=self.layer_scale or None,
+            rel_pos_bias=self.rel_pos_bias,
+            abs_pos_emb=bool(self.abs_pos_emb),
+        )
+
+
+def resolve_encoder(e: EncoderConfig) -> None:
+    """Fill null architecture keys from ``e.init``'s provenance, then from presets/defaults."""
+    if e.init is not None and e.init.lower() in ("none", "scratch", ""):
+        e.init = None
+    if e.init is not None:
+        from mimkit.models.loading import checkpoint_model_config  # reads metadata only
+
+        try:
+            saved = checkpoint_model_config(e.init)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model.init={e.init!r}: {err}") from None
+        for key in (*_ARCH_KEYS, "layer_scale", "abs_pos_emb"):
+            if getattr(e, key) is None:
+                setattr(e, key, saved.get(key))
+        if e.method == "beit" and e.rel_pos_bias is None:
+            e.rel_pos_bias = "per_layer" if saved.get("rel_pos_bias") != "none" else "none"
+    if e.arch in VIT_PRESETS:
+        width, depth, heads = VIT_PRESETS[e.arch]
+        e.embed_dim = width if e.embed_dim is None else e.embed_dim
+        e.depth = depth if e.depth is None else e.depth
+        e.num_heads = heads if e.num_heads is None else e.num_heads
+    if e.mlp_ratio is None:
+        e.mlp_ratio = 4.0
+    if e.method == "beit":
+        e.layer_scale = 0.1 if e.layer_scale is None else e.layer_scale
+        e.rel_pos_bias = e.rel_pos_bias or "per_layer"
+        e.abs_pos_emb = bool(e.abs_pos_emb)
+    else:
+        e.layer_scale, e.rel_pos_bias, e.abs_pos_emb = None, "none", False
+
+
+def validate_encoder(e: EncoderConfig) -> None:
+    for key in _ARCH_KEYS:
+        if getattr(e, key) is None:
+            fail(f"model.{key}", None, "required when model.init is null (training from scratch)")
+    if e.method not in ("mae", "beit"):
+        fail("model.method", e.method, "one of ['mae', 'beit']")
+    if e.arch not in VIT_PRESETS and e.arch != "custom":
+        fail("model.arch", e.arch, f"one of {[*VIT_PRESETS, 'custom']}")
+    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        positive(f"model.{key}", getattr(e, key))
+    if e.img_size % e.patch_size:
+        fail("model.img_size", e.img_size, f"must be divisible by model.patch_size={e.patch_size}")
+    if e.embed_dim % e.num_heads:
+        fail("model.embed_dim", e.embed_dim, f"must be divisible by model.num_heads={e.num_heads}")
+    if not 0 <= e.drop_path < 1:
+        fail("model.drop_path", e.drop_path, "must be in [0, 1)")
+    if e.pool not in ("avg", "cls"):
+        fail("model.pool", e.pool, "one of ['avg', 'cls']")
+    if e.rel_pos_bias not in ("shared", "per_layer", "none"):
+        fail("model.rel_pos_bias", e.rel_pos_bias, "one of ['shared', 'per_layer', 'none']")
+    if e.layer_scale is not None and e.layer_scale < 0:
+        fail("model.layer_scale", e.layer_scale, "must be >= 0 (0 disables layer scale)")
+    if e.num_classes is not None:
+        positive("model.num_classes", e.num_classes)
+    positive("model.head_init_std", e.head_init_std)
+
+
+def validate_classify_data(d: ClassifyDataConfig, *, in_chans: int) -> None:
+    validate_data(d, in_chans=in_chans)
+    if not 0 < d.label_fraction <= 1:
+        fail("data.label_fraction", d.label_fraction, "must be in (0, 1]")
+    if d.eval_max_samples is not None:
+        positive("data.eval_max_samples", d.eval_max_samples)
+    if d.name == "fashion_mnist" and d.eval_split not in ("train", "test"):
+        fail("data.eval_split", d.eval_split, "one of ['train', 'test']")
+    if d.name == "folder":
+        if d.eval_root is None or not Path(d.eval_root).is_dir():
+            fail("data.eval_root", d.eval_root, "a folder of class subfolders (data.name=folder)")
+        for key in ("root", "eval_root"):
+            root = Path(getattr(d, key))
+            if not any(p.is_dir() for p in root.iterdir()):
+                fail(f"data.{key}", str(root), "needs class subfolders (one per label)")
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation and label mixing (DeiT / BEiT / MAE recipes; timm's operators)."""
+
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null disables
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"
+    mixup: float = 0.8  # Beta(alpha) for Mixup; 0 disables
+    cutmix: float = 1.0  # Beta(alpha) for CutMix; 0 disables
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1  # label smoothing
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    base_lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6
+    layer_decay: float = 0.75  # lr scale decay**(num_layers - 1 - layer id); 1 disables
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass
+class FinetuneConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/finetune"))
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval_every_epochs: int = 1
+
+    def resolve(self) -> None:
+        resolve_encoder(self.model)
+        o = self.optim
+        if o.lr is None and o.base_lr > 0 and self.train.batch_size > 0:
+            o.lr = o.base_lr * self.train.batch_size * max(o.accum_steps, 1) * world_size() / 256
+
+    def validate(self) -> None:
+        validate_encoder(self.model)
+        validate_classify_data(self.data, in_chans=self.model.in_chans)
+        validate_optim(self.optim, self.train)
+        validate_train(self.train)
+        validate_run(self.run)
+        if not 0 < self.optim.layer_decay <= 1:
+            fail("optim.layer_decay", self.optim.layer_decay, "must be in (0, 1]")
+        a = self.aug
+        for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(a, key) <= 1:
+                fail(f"aug.{key}", getattr(a, key), "a probability in [0, 1]")
+        for key in ("mixup", "cutmix"):
+            if getattr(a, key) < 0:
+                fail(f"aug.{key}", getattr(a, key), "must be >= 0 (0 disables)")
+        if not 0 <= a.smoothing < 1:
+            fail("aug.smoothing", a.smoothing, "must be in [0, 1)")
+        if a.remode not in ("pixel", "rand", "const"):
+            fail("aug.remode", a.remode, "one of ['pixel', 'rand', 'const']")
+        if a.rand_augment is not None:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(a.rand_augment, {})
+            except Exception as err:  # timm raises assorted errors for a malformed spec
+                fail("aug.rand_augment", a.rand_augment, f"a timm RandAugment spec ({err})")
+        if not 0 < self.ema.decay < 1:
+            fail("ema.decay", self.ema.decay, "must be in (0, 1)")
+        positive("eval_every_epochs", self.eval_every_epochs)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probing on frozen, cached features (MAE's and BEiT's protocols)."""
+
+    pool: str = "avg"  # avg | cls
+    layers: str = "last"  # last | all (BEiT: every block probed, the best chosen on held-out data)
+    optimizer: str = "lars"  # lars (MAE) | sgd
+    base_lr: float = 0.1  # lr = base_lr * batch / 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 16384
+    val_fraction: float = 0.1  # held out of the training split to choose the layer (layers=all)
+    raw_pixels: bool = True  # also probe raw pixels with the same protocol (the baseline)
+    feature_batch_size: int = 256
+
+
+@dataclass
+class LinprobeConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/linprobe"))
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    model: EncoderConfig = field(default_factory=lambda: EncoderConfig(drop_path=0.0))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def resolve(self) -> None:
+        resolve_encoder(self.model)
+        p = self.probe
+        if p.lr is None and p.base_lr > 0 and p.batch_size > 0:
+            p.lr = p.base_lr * p.batch_size / 256
+
+    def validate(self) -> None:
+        validate_encoder(self.model)
+        validate_classify_data(self.data, in_chans=self.model.in_chans)
+        validate_run(self.run)
+        p = self.probe
+        choices = {"pool": ["avg", "cls"], "layers": ["last", "all"], "optimizer": ["lars", "sgd"]}
+        for key, allowed in choices.items():
+            if getattr(p, key) not in allowed:
+                fail(f"probe.{key}", getattr(p, key), f"one of {allowed}")
+        for key in ("base_lr", "lr", "epochs", "batch_size", "feature_batch_size"):
+            positive(f"probe.{key}", getattr(p, key))
+        if not 0 <= p.momentum < 1:
+            fail("probe.momentum", p.momentum, "must be in [0, 1)")
+        if p.weight_decay < 0:
+            fail("probe.weight_decay", p.weight_decay, "must be >= 0")
+        if not 0 <= p.warmup_epochs <= p.epochs:
+            fail("probe.warmup_epochs", p.warmup_epochs, f"must be in [0, probe.epochs={p.epochs}]")
+        if not 0 < p.val_fraction < 1 and p.layers == "all":
+            fail("probe.val_fraction", p.val_fraction, "must be in (0, 1) with probe.layers=all")
+
+
+@dataclass
+class KnnEvalConfig:
+    k: int = 20
+    temperature: float = 0.07
+    pool: str = "avg"  # avg | cls
+    layer: int = -1  # which block's output (0-based; -1 the last, with the final norm)
+    batch_size: int = 256
+    raw_pixels: bool = True  # also report k-NN on raw pixels
+
+
+@dataclass
+class KnnCommandConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/knn"))
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    model: EncoderConfig = field(default_factory=lambda: EncoderConfig(drop_path=0.0))
+    knn: KnnEvalConfig = field(default_factory=KnnEvalConfig)
+
+    def resolve(self) -> None:
+        resolve_encoder(self.model)
+
+    def validate(self) -> None:
+        validate_encoder(self.model)
+        validate_classify_data(self.data, in_chans=self.model.in_chans)
+        validate_run(self.run)
+        k = self.knn
+        for key in ("k", "temperature", "batch_size"):
+            positive(f"knn.{key}", getattr(k, key))
+        if k.pool not in ("avg", "cls"):
+            fail("knn.pool", k.pool, "one of ['avg', 'cls']")
+        if not -self.model.depth <= k.layer < self.model.depth:
+            fail(
+                "knn.layer", k.layer, f"a block index in [-{self.model.depth}, {self.model.depth})"
+            )

@@ -1,0 +1,166 @@
+"""What the downstream commands share: the encoder from ``model.init`` and the labeled data.
+
+Loading a pretrained encoder for a downstream task follows the official code: the MAE decoder and
+BEiT's MIM head and mask embedding are dropped; BEiT's shared relative position table is copied
+into every block (per-layer tables, BEiT fine-tuning); position embeddings and relative position
+tables are interpolated when the image size changes; with average pooling the final norm is
+replaced by ``fc_norm``. Every such step is reported in ``notes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from mimkit.config import ConfigError
+from mimkit.config.downstream import ClassifyDataConfig, EncoderConfig
+from mimkit.data import build_dataset, dataset_labels, labeled_subset
+from mimkit.models import build_encoder
+from mimkit.models.loading import EncoderWeights, load_encoder_weights
+from mimkit.models.resize import expand_shared_rel_pos_bias, resize_encoder_state
+
+__all__ = ["ClassifyData", "LoadedEncoder", "classify_data", "load_encoder"]
+
+_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+@dataclass
+class LoadedEncoder:
+    encoder: nn.Module
+    weights: EncoderWeights | None  # None: random init
+    mean: list[float] | None  # the pretraining normalization (None: random init)
+    std: list[float] | None
+    notes: list[str]
+
+
+def load_encoder(e: EncoderConfig, *, drop_norm: bool = False) -> LoadedEncoder:
+    """Build the encoder ``e`` describes and load ``e.init`` into it (strictly).
+
+    ``drop_norm``: the final norm's weights are not loaded (a classifier with ``fc_norm``).
+    """
+    encoder = build_encoder(e.model_config(), fixed_pos_embed=False, mask_token=False)
+    if drop_norm:
+        encoder.norm = nn.Identity()  # replaced by the classifier's fc_norm
+    if e.init is None:
+        return LoadedEncoder(encoder, None, None, None, ["random init (from scratch)"])
+    w = load_encoder_weights(e.init)
+    state, notes = dict(w.encoder), [f"weights from {w.path}"]
+    saved = w.metadata.get("model_config", {})
+    if _SHARED_TABLE in state and e.rel_pos_bias == "per_layer":
+        state = expand_shared_rel_pos_bias(state, depth=e.depth)
+        notes.append(f"shared relative position table copied into {e.depth} blocks")
+    elif _SHARED_TABLE not in state and e.rel_pos_bias == "shared" and e.method == "beit":
+        raise ConfigError(
+            f"model.rel_pos_bias='shared' but {w.path} has no shared relative position table "
+            "(use per_layer)"
+        )
+    if e.rel_pos_bias == "none":
+        dropped = [k for k in state if "relative_position_bias_table" in k]
+        if dropped:
+            state = {k: v for k, v in state.items() if k not in dropped}
+            notes.append(f"relative position tables dropped ({len(dropped)}; rel_pos_bias=none)")
+    p = e.patch_size
+    old = int(saved.get("img_size", e.img_size))
+    if old != e.img_size:
+        state = resize_encoder_state(
+            state, old_grid=(old // p, old // p), new_grid=(e.img_size // p, e.img_size // p)
+        )
+        notes.append(f"position tables interpolated (bicubic) from {old}px to {e.img_size}px")
+    if drop_norm:
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.init={e.init!r}: the weights do not fit the encoder: missing keys "
+            f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}"
+        )
+    mean, std = w.metadata.get("mean"), w.metadata.get("std")
+    return LoadedEncoder(encoder, w, mean, std, notes)
+
+
+@dataclass
+class ClassifyData:
+    train: Dataset  # labeled (a class-balanced fraction) training samples, raw uint8 images
+    eval: Dataset
+    num_classes: int
+    classes: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+
+
+def classify_data(
+    d: ClassifyDataConfig,
+    *,
+    img_size: int,
+    channels: int,
+    seed: int,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> ClassifyData:
+    """Training and evaluation splits; normalization: data.mean/std, else ``mean``/``std`` (the
+    pretraining's), else the training set's statistics."""
+    train_base = build_dataset(d, img_size=img_size, channels=channels)
+    if d.name == "folder":
+        eval_cfg = dataclasses.replace(d, root=d.eval_root, max_samples=d.eval_max_samples)
+        eval_base = build_dataset(eval_cfg, img_size=img_size, channels=channels)
+    else:
+        eval_cfg = dataclasses.replace(d, split=d.eval_split, max_samples=d.eval_max_samples)
+        eval_base = build_dataset(eval_cfg, img_size=img_size, channels=channels)
+    train_classes = tuple(getattr(train_base, "classes", ()) or ())
+    eval_classes = tuple(getattr(eval_base, "classes", ()) or ())
+    if d.name == "folder" and train_classes != eval_classes:
+        raise ConfigError(
+            f"data.root has classes {list(train_classes)[:10]} but data.eval_root has "
+            f"{list(eval_classes)[:10]}: both need the same class subfolders"
+        )
+    seed = d.label_seed if d.label_seed is not None else seed
+    try:
+        train = labeled_subset(train_base, fraction=d.label_fraction, seed=seed)
+        eval_set = labeled_subset(eval_base)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
+    labels = dataset_labels(train_base)
+    num_classes = len(train_classes) or int(labels.max()) + 1
+    classes = train_classes or tuple(str(i) for i in range(num_classes))
+    if d.mean is not None:
+        mean = list(d.mean)
+    if d.std is not None:
+        std = list(d.std)
+    mean = list(mean) if mean is not None else list(train_base.mean)
+    std = list(std) if std is not None else list(train_base.std)
+    return ClassifyData(train, eval_set, num_classes, classes, mean, std)
+
+
+def subset_size(ds: Dataset) -> int:
+    return len(ds.indices) if isinstance(ds, Subset) else len(ds)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, loader: torch.utils.data.DataLoader, *, device: torch.device
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``."""
+    was = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for imgs, y in loader:
+        imgs, y = imgs.to(device), torch.as_tensor(y).to(device)
+        logits = model(imgs).float()  # (B, C)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hits = top == y[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+        total += len(y)
+    model.train(was)
+    return {
+        "top1": 100.0 * correct1 / total,
+        "top5": 100.0 * correct5 / total,
+        "loss": loss_sum / total,
+        "num_images": total,
+    }

@@ -1,0 +1,325 @@
+"""``mimkit finetune``: end-to-end fine-tuning of a pretrained (or random) ViT for classification.
+
+The protocol of BEiT (Sec. 3.1, Table 6) and MAE (Appendix A.2): average-pooled patch tokens with
+``fc_norm`` (or the cls token), layer-wise lr decay, AdamW with warm-up and cosine decay, label
+smoothing, Mixup/CutMix, RandAugment, random erasing, drop path, optional weight EMA; top-1/top-5
+on the evaluation split every ``eval_every_epochs``; ``model_best`` and ``model_last`` weights.
+Starting from a fine-tuned checkpoint is intermediate fine-tuning (BEiT Sec. 3.1): the encoder is
+kept, and the head too when the class count and pooling agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mimkit import __version__
+from mimkit.config import ConfigError, to_dict
+from mimkit.config.downstream import FinetuneConfig
+from mimkit.data import AugmentedView, EvalTransform, FinetuneTransform, sample_seed
+from mimkit.data.transforms import seeded_globals
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.distributed import is_main
+from mimkit.engine.rundir import prepare_run
+from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
+from mimkit.models.heads import Classifier
+from mimkit.tasks.downstream import classify_data, evaluate_classifier, load_encoder
+
+__all__ = ["FinetuneResult", "FinetuneTask", "build_classifier", "run_finetune"]
+
+
+class FinetuneTask:
+    """The trainer's task: (images, labels) -> (soft-target) cross-entropy."""
+
+    name = "finetune"
+
+    def __init__(self, model: Classifier, cfg: FinetuneConfig, *, metadata: dict[str, Any]) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        self.model, self.cfg, self._meta = model, cfg, metadata
+        self.device = next(model.parameters()).device
+        a = cfg.aug
+        self.mixup = None
+        if a.mixup > 0 or a.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=a.mixup,
+                cutmix_alpha=a.cutmix,
+                prob=a.mixup_prob,
+                switch_prob=a.mixup_switch_prob,
+                label_smoothing=a.smoothing,
+                num_classes=model.num_classes,
+            )
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif a.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(a.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = None
+        if cfg.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema.decay)
+        self._seed, self._last_step, self._micro = 0, -1, 0
+
+    def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        # Mixup draws from NumPy's global generator: seed it from (seed, step, micro-step)
+        self._micro = self._micro + 1 if step == self._last_step else 0
+        self._last_step = step
+        self._seed = sample_seed(self.cfg.run.seed + 7919, step, self._micro)
+
+    def step(self, batch: Any) -> StepOutput:
+        imgs, y = batch
+        imgs, y = imgs.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        target = y
+        if self.mixup is not None:
+            with seeded_globals(self._seed):
+                imgs, target = self.mixup(imgs, y)  # (B, C, H, W), (B, classes) soft labels
+        logits = self.model(imgs)  # (B, classes)
+        return StepOutput(self.criterion(logits.float(), target), {})
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=step)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        state = self.model.timm_state_dict()
+        if self.ema is not None:
+            state |= {f"ema.{k}": v for k, v in self.ema.module.timm_state_dict().items()}
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_timm_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("ema.")}
+        )
+        if self.ema is not None:
+            self.ema.module.load_timm_state_dict(
+                {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+            )
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    run_dir: Path
+    train: TrainResult
+    best: dict[str, Any]  # the best evaluation (epoch, top1, top5, loss, which)
+    last: dict[str, Any]
+    best_path: Path | None
+    last_path: Path | None
+    notes: list[str]
+    history: list[dict[str, Any]]
+
+
+def build_classifier(cfg: FinetuneConfig, *, num_classes: int) -> tuple[Classifier, Any, list]:
+    """(classifier, loaded encoder, notes): ``model.init`` loaded, the head kept or replaced."""
+    e = cfg.model
+    loaded = load_encoder(e, drop_norm=e.pool == "avg")
+    model = Classifier(
+        loaded.encoder, num_classes=num_classes, pool=e.pool, head_init_std=e.head_init_std
+    )
+    notes = list(loaded.notes)
+    head = loaded.weights.head if loaded.weights is not None else {}
+    if head:
+        w = head.get("head.weight")
+        same_pool = ("fc_norm.weight" in head) == (e.pool == "avg")
+        if same_pool and e.pool == "avg":
+            model.fc_norm.load_state_dict(
+                {"weight": head["fc_norm.weight"], "bias": head["fc_norm.bias"]}
+            )
+        if w is not None and same_pool and tuple(w.shape) == tuple(model.head.weight.shape):
+            model.head.load_state_dict({"weight": w, "bias": head["head.bias"]})
+            notes.append(f"head kept ({num_classes} classes)")
+        else:
+            old = "?" if w is None else w.shape[0]
+            notes.append(f"head replaced ({old} -> {num_classes} classes, pool {e.pool})")
+    return model, loaded, notes
+
+
+def _classifier_metadata(cfg, loaded, data, num_classes: int) -> dict[str, Any]:
+    e = cfg.model
+    pre = loaded.weights.metadata if loaded.weights is not None else {}
+    return {
+        "format": "mimkit",
+        "mimkit_version": __version__,
+        "kind": "classifier",
+        "layout": "timm-classifier",
+        "method": e.method,
+        "init": e.init or "none",
+        "pretrain_method": pre.get("method", "none"),
+        "pretrain_target": pre.get("target", "none"),
+        "num_classes": num_classes,
+        "classes": list(data.classes),
+        "pool": e.pool,
+        "img_size": e.img_size,
+        "patch_size": e.patch_size,
+        "in_chans": e.in_chans,
+        "mean": data.mean,
+        "std": data.std,
+        "label_fraction": cfg.data.label_fraction,
+        "model_config": to_dict(e.model_config()),
+    }
+
+
+def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult:
+    """Fine-tune as ``cfg`` says; write everything to ``cfg.run.dir``."""
+    e, a = cfg.model, cfg.aug
+    if (a.mixup > 0 or a.cutmix > 0) and cfg.train.batch_size % 2:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be even with Mixup/CutMix "
+            "(or set aug.mixup=0 aug.cutmix=0)"
+        )
+    run_dir, device = prepare_run(cfg, resume=resume)
+    # normalization: the pretraining's, so the encoder sees what it was trained on
+    probe = load_encoder_meta_mean_std(e.init)
+    data = classify_data(
+        cfg.data,
+        img_size=e.img_size,
+        channels=e.in_chans,
+        seed=cfg.run.seed,
+        mean=probe[0],
+        std=probe[1],
+    )
+    num_classes = e.num_classes or data.num_classes
+    model, loaded, notes = build_classifier(cfg, num_classes=num_classes)
+    model.to(device)
+    meta = _classifier_metadata(cfg, loaded, data, num_classes)
+    task = FinetuneTask(model, cfg, metadata=meta)
+    d = cfg.data
+    train_view = AugmentedView(
+        data.train,
+        FinetuneTransform(
+            e.img_size,
+            data.mean,
+            data.std,
+            scale=d.crop_scale,
+            hflip=d.hflip,
+            rand_augment=a.rand_augment,
+            reprob=a.reprob,
+            remode=a.remode,
+        ),
+        seed=cfg.run.seed,
+    )
+    eval_loader = DataLoader(
+        AugmentedView(data.eval, EvalTransform(e.img_size, data.mean, data.std)),
+        batch_size=max(cfg.train.batch_size, 256),
+        shuffle=False,
+        num_workers=d.num_workers,
+    )
+    if is_main():
+        for note in notes:
+            print(f"finetune: {note}", flush=True)
+        print(
+            f"finetune: {len(data.train)} labeled training images "
+            f"(label_fraction={d.label_fraction}), {len(data.eval)} evaluation images, "
+            f"{num_classes} classes",
+            flush=True,
+        )
+
+    eval_path = run_dir / "eval.json"
+    state = {"history": [], "best": None}
+    if resume and eval_path.is_file():
+        saved = json.loads(eval_path.read_text())
+        state["history"], state["best"] = saved.get("history", []), saved.get("best")
+    best_path, last_path = run_dir / "model_best.safetensors", run_dir / "model_last.safetensors"
+
+    trainer = None
+
+    def evaluate(epoch: int, final: bool) -> None:
+        if not (final or epoch % cfg.eval_every_epochs == 0):
+            return
+        rec = {"epoch": epoch, **evaluate_classifier(model, eval_loader, device=device)}
+        candidates = [("model", rec["top1"], model)]
+        if task.ema is not None:
+            ema = evaluate_classifier(task.ema.module, eval_loader, device=device)
+            rec |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
+            candidates.append(("ema", ema["top1"], task.ema.module))
+        which, top1, best_model = max(candidates, key=lambda c: c[1])
+        step = trainer.step if trainer is not None else 0
+        trainer.logger.log(rec, step=step, prefix="eval")  # jsonl + TensorBoard
+        state["history"].append({"step": step, **rec})
+        step_meta = {**meta, "step": step, "epoch": epoch}
+        ckpt.save_weights(last_path, model.timm_state_dict(), step_meta)
+        if state["best"] is None or top1 > state["best"]["top1"]:
+            state["best"] = {
+                "epoch": epoch,
+                "step": step,
+                "top1": top1,
+                "which": which,
+                "top5": rec["ema_top5" if which == "ema" else "top5"],
+            }
+            ckpt.save_weights(
+                best_path, best_model.timm_state_dict(), {**step_meta, "which": which}
+            )
+        eval_path.write_text(json.dumps(state, indent=2) + "\n")
+        print(
+            f"eval epoch {epoch}: top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
+            + (f" (EMA top-1 {rec['ema_top1']:.2f}%)" if task.ema is not None else "")
+            + f"; best {state['best']['top1']:.2f}% (epoch {state['best']['epoch']})",
+            flush=True,
+        )
+
+    trainer = Trainer(
+        task,
+        train_view,
+        optim=cfg.optim,
+        train=cfg.train,
+        run_dir=run_dir,
+        device=device,
+        seed=cfg.run.seed,
+        num_workers=d.num_workers,
+        on_epoch_end=evaluate,
+    )
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    if is_main():
+        if result.stopped_early:
+            evaluate(result.epoch, True)
+        _curves(run_dir)
+    hist = state["history"]
+    return FinetuneResult(
+        run_dir,
+        result,
+        state["best"] or {},
+        hist[-1] if hist else {},
+        best_path if best_path.exists() else None,
+        last_path if last_path.exists() else None,
+        notes,
+        hist,
+    )
+
+
+def load_encoder_meta_mean_std(init: str | None) -> tuple[list | None, list | None]:
+    """The normalization recorded with ``init`` (None, None for random init)."""
+    if init is None:
+        return None, None
+    from mimkit.models.loading import find_checkpoint
+
+    meta = ckpt.read_metadata(find_checkpoint(init))
+    return meta.get("mean"), meta.get("std")
+
+
+def _curves(run_dir: Path) -> None:
+    """figures/finetune_curves.png: training loss and evaluation top-1 against the step."""
+    from mimkit.viz import save_curves
+
+    train, evals = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            train.append((rec["step"], rec["loss"]))
+        elif rec.get("kind") == "eval":
+            evals.append((rec["step"], rec["top1"]))
+    if not evals:
+        return
+    panels = {"training loss": {"train": train}, "evaluation top-1 (%)": {"eval": evals}}
+    save_curves(panels, run_dir / "figures" / "finetune_curves.png", xlabel="optimizer step")
