@@ -1,0 +1,422 @@
+"""Downstream: fine-tuning, intermediate fine-tuning, linear probes, k-NN, figures (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.config import ConfigError, ModelConfig, load_config
+from mimkit.config.downstream import (
+    FinetuneConfig,
+    KnnCommandConfig,
+    LinprobeConfig,
+    ProbeConfig,
+)
+from mimkit.data import (
+    AugmentedView,
+    EvalTransform,
+    SyntheticImages,
+    class_balanced_subset,
+    labeled_subset,
+)
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.optim import layer_decay_param_groups, set_lr
+from mimkit.models import build_encoder
+from mimkit.models.heads import Classifier
+from mimkit.tasks.finetune import build_classifier, run_finetune
+from mimkit.tasks.knn import extract_features, run_knn
+from mimkit.tasks.linprobe import block_features, run_linprobe, train_probes
+from mimkit.tasks.pretrain import run_pretrain
+from mimkit.tasks.visualize import visualize_attention, visualize_reconstruction
+from tests.conftest import DEMO, ROOT, tiny_overrides
+
+FT = ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"
+LP = ROOT / "configs" / "linprobe" / "fmnist_vit_tiny.yaml"
+KNN = ROOT / "configs" / "knn" / "fmnist_vit_tiny.yaml"
+
+TINY = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+
+
+def _vit(method: str, **extra) -> torch.nn.Module:
+    cfg = ModelConfig(method=method, arch="custom", **TINY, **extra)
+    torch.manual_seed(0)
+    return build_encoder(cfg, fixed_pos_embed=False, mask_token=False)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """Tiny MAE and BEiT (pixel target) pretraining runs on synthetic images."""
+    runs = {}
+    for method in ("mae", "beit"):
+        run = tmp_path_factory.mktemp(method)
+        extra = {"train.epochs": 1}
+        if method == "beit":
+            extra |= {
+                "model.method": "beit",
+                "mask.strategy": "blockwise",
+                "mask.num_masked": 6,
+                "mask.min_block": 2,
+                "target.kind": "pixels",
+            }
+        args = [a for a in tiny_overrides(run / "run") if not a.startswith("train.epochs")]
+        run_pretrain(load_config(DEMO, args + [f"{k}={v}" for k, v in extra.items()]))
+        runs[method] = run / "run"
+    return runs
+
+
+def _ft_args(run_dir, init, **extra) -> list[str]:
+    values = {
+        "run.dir": str(run_dir),
+        "data.name": "synthetic",
+        "data.synthetic_size": 64,
+        "data.eval_max_samples": 40,
+        "data.num_workers": 0,
+        "model.init": init,
+        "train.epochs": 2,
+        "train.batch_size": 8,
+        "train.log_every_steps": 2,
+        "optim.warmup_epochs": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+SCRATCH = {
+    "model.method": "mae",
+    "model.arch": "custom",
+    **{f"model.{k}": v for k, v in TINY.items()},
+}
+
+
+# ---- layer-wise lr decay ----
+
+
+@pytest.mark.parametrize("method", ["mae", "beit"])
+def test_layer_decay_groups_cover_every_parameter_once_with_the_specified_scales(method):
+    extra = {"rel_pos_bias": "per_layer"} if method == "beit" else {}
+    model = Classifier(_vit(method, **extra), num_classes=5, pool="avg")
+    decay = 0.65
+    groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=decay)
+    names = [n for g in groups for n in g["names"]]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable) and len(names) == len(set(names))
+    top = model.num_layers - 1  # depth + 1
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["encoder.patch_embed.proj.weight"] == pytest.approx(decay ** (TINY["depth"] + 1))
+    assert scale["encoder.cls_token"] == pytest.approx(decay**top)
+    assert scale["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(decay ** TINY["depth"])
+    assert scale["encoder.blocks.1.attn.proj.weight"] == pytest.approx(decay)
+    assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
+    for g in groups:
+        assert g["lr_scale"] == pytest.approx(decay ** (top - g["layer_id"]))
+    assert wd["head.weight"] == 0.05 and wd["encoder.blocks.0.mlp.fc1.weight"] == 0.05
+    for exempt in (
+        "head.bias",
+        "fc_norm.weight",
+        "encoder.cls_token",
+        "encoder.blocks.0.norm1.weight",
+    ):
+        assert wd[exempt] == 0.0
+    if method == "mae":
+        assert wd["encoder.pos_embed"] == 0.0
+    else:
+        assert wd["encoder.blocks.0.attn.relative_position_bias_table"] == 0.0
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 2.0)
+    assert all(g["lr"] == pytest.approx(2.0 * g["lr_scale"]) for g in opt.param_groups)
+
+
+# ---- the classifier is timm's, key for key ----
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_vit_classifier_loads_into_timm_and_gives_the_same_logits(pool):
+    model = Classifier(_vit("mae"), num_classes=5, pool=pool, head_init_std=0.02).eval()
+    ref = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, global_pool=pool if pool == "avg"
+        else "token", fc_norm=pool == "avg", **TINY,
+    ).eval()  # fmt: skip
+    ref.load_state_dict(model.timm_state_dict(), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_beit_classifier_loads_into_timm_and_gives_the_same_logits():
+    enc = _vit("beit", rel_pos_bias="per_layer", layer_scale=0.1)
+    model = Classifier(enc, num_classes=5, pool="avg", head_init_std=0.02).eval()
+    ref = timm.models.beit.Beit(
+        num_classes=5, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, **TINY
+    ).eval()
+    ref.load_state_dict(model.timm_state_dict(), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# ---- fine-tuning from MAE, BEiT, scratch; intermediate fine-tuning; other resolutions ----
+
+
+@pytest.mark.parametrize("init", ["mae", "beit", "scratch"])
+def test_finetune_runs_and_writes_its_contract(tmp_path, pretrained, init):
+    extra = SCRATCH if init == "scratch" else {}
+    cfg = load_config(
+        FT, _ft_args(tmp_path / "ft", pretrained.get(init, "null"), **extra), schema=FinetuneConfig
+    )
+    res = run_finetune(cfg)
+    run = tmp_path / "ft"
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "model_best.safetensors",
+                 "model_last.safetensors", "figures/finetune_curves.png"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert res.train.step == 2 * (64 // 8) and len(res.history) == 2
+    assert 0 <= res.best["top1"] <= 100 and res.best["top5"] >= res.best["top1"]
+    meta = ckpt.read_metadata(run / "model_best.safetensors")
+    assert meta["kind"] == "classifier" and meta["num_classes"] == 10 and meta["pool"] == "avg"
+    assert meta["pretrain_method"] == ("none" if init == "scratch" else init)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
+    state, _ = ckpt.load_weights(run / "model_last.safetensors")
+    assert "head.weight" in state and "fc_norm.weight" in state and "norm.weight" not in state
+    assert not any(k.startswith(("decoder", "lm_head", "mask_token")) for k in state)
+    if init == "beit":  # the shared pretraining table became one table per block
+        assert "blocks.1.attn.relative_position_bias_table" in state
+        assert any("copied into 2 blocks" in n for n in res.notes)
+
+
+def test_pretrained_weights_arrive_in_the_classifier(pretrained):
+    cfg = load_config(FT, _ft_args("unused", pretrained["mae"]), schema=FinetuneConfig)
+    model, _, _ = build_classifier(cfg, num_classes=10)
+    enc, _ = ckpt.load_weights(pretrained["mae"] / "encoder.safetensors")
+    mine = model.timm_state_dict()
+    for k, v in enc.items():
+        if not k.startswith("norm."):
+            torch.testing.assert_close(mine[k], v, atol=0, rtol=0)
+
+
+def test_intermediate_finetuning_keeps_or_replaces_the_head(tmp_path, pretrained):
+    first = tmp_path / "first"
+    run_finetune(load_config(FT, _ft_args(first, pretrained["beit"]), schema=FinetuneConfig))
+    saved, _ = ckpt.load_weights(first / "model_best.safetensors")
+    # same classes: the encoder and the head are kept
+    cfg = load_config(FT, _ft_args(tmp_path / "b", first), schema=FinetuneConfig)
+    assert cfg.model.rel_pos_bias == "per_layer" and cfg.model.method == "beit"
+    model, _, notes = build_classifier(cfg, num_classes=10)
+    mine = model.timm_state_dict()
+    assert sorted(mine) == sorted(saved) and "head kept (10 classes)" in notes
+    for k, v in saved.items():
+        torch.testing.assert_close(mine[k], v, atol=0, rtol=0)
+    # another class count: a fresh head, the encoder kept
+    model, _, notes = build_classifier(cfg, num_classes=7)
+    assert model.head.weight.shape == (7, 32) and any("head replaced" in n for n in notes)
+    torch.testing.assert_close(
+        model.timm_state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"]
+    )
+    res = run_finetune(cfg)  # and it trains
+    assert res.best_path is not None
+
+
+@pytest.mark.parametrize("init", ["mae", "beit"])
+def test_finetune_at_another_resolution_interpolates_position_tables(tmp_path, pretrained, init):
+    cfg = load_config(
+        FT, _ft_args(tmp_path / "ft", pretrained[init], **{"model.img_size": 24,
+                                                           "train.epochs": 1}),
+        schema=FinetuneConfig,
+    )  # fmt: skip
+    res = run_finetune(cfg)
+    assert any("interpolated" in n and "16px to 24px" in n for n in res.notes)
+    state, _ = ckpt.load_weights(tmp_path / "ft" / "model_last.safetensors")
+    if init == "mae":
+        assert state["pos_embed"].shape == (1, 1 + 36, 32)
+    else:
+        assert state["blocks.0.attn.relative_position_bias_table"].shape == (11 * 11 + 3, 2)
+
+
+def test_finetune_resume_is_exact(tmp_path, pretrained):
+    """Mixup, RandAugment, erasing and drop path all replay after a resume."""
+    extra = {"aug.mixup": 0.8, "aug.cutmix": 1.0, "run.deterministic": True}
+    straight = tmp_path / "straight"
+    run_finetune(load_config(FT, _ft_args(straight, pretrained["mae"], **extra),
+                             schema=FinetuneConfig))  # fmt: skip
+    split = tmp_path / "split"
+    first = load_config(
+        FT,
+        _ft_args(split, pretrained["mae"], **extra, **{"train.max_steps": 5}),
+        schema=FinetuneConfig,
+    )
+    assert run_finetune(first).train.stopped_early
+    run_finetune(load_config(FT, _ft_args(split, pretrained["mae"], **extra),
+                             schema=FinetuneConfig), resume=True)  # fmt: skip
+    a, _ = ckpt.load_weights(straight / "model_last.safetensors")
+    b, _ = ckpt.load_weights(split / "model_last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_weights_are_tracked_and_evaluated(tmp_path, pretrained):
+    cfg = load_config(
+        FT, _ft_args(tmp_path / "ft", pretrained["mae"], **{"ema.enabled": True,
+                                                            "ema.decay": 0.5}),
+        schema=FinetuneConfig,
+    )  # fmt: skip
+    res = run_finetune(cfg)
+    assert "ema_top1" in res.history[-1] and res.best["which"] in ("model", "ema")
+
+
+# ---- labels ----
+
+
+def test_label_fraction_is_class_balanced_seeded_and_nested_in_the_data():
+    labels = torch.arange(1000) % 10
+    a = class_balanced_subset(labels, 0.05, seed=0)
+    assert len(a) == 50 and torch.bincount(labels[a]).tolist() == [5] * 10
+    assert torch.equal(a, class_balanced_subset(labels, 0.05, seed=0))
+    assert not torch.equal(a, class_balanced_subset(labels, 0.05, seed=1))
+    tiny = class_balanced_subset(labels, 0.0001, seed=0)
+    assert torch.bincount(labels[tiny]).tolist() == [1] * 10  # at least one per class
+    ds = labeled_subset(SyntheticImages(100, img_size=8), fraction=0.2, seed=3)
+    assert len(ds) == 20
+
+
+# ---- linear probe and k-NN ----
+
+
+def test_linear_probe_leaves_the_encoder_unchanged_and_learns(pretrained):
+    enc = _vit("mae")
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    view = AugmentedView(SyntheticImages(80, img_size=16), EvalTransform(16, [0.5] * 3, [0.25] * 3))
+    x, y = block_features(enc, view, layers=[0, 1], pool="avg")
+    assert x.shape == (2, 80, 32)
+    p = ProbeConfig(optimizer="sgd", lr=0.5, epochs=30, warmup_epochs=2, batch_size=40)
+    _, hist = train_probes(x, y, num_classes=10, p=p, seed=0, eval_sets={"train": (x, y)})
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())
+    assert not any(p.grad is not None for p in enc.parameters())
+    assert hist[-1]["loss"] < hist[0]["loss"] and max(hist[-1]["train_top1"]) > 50
+
+
+def test_linprobe_command_probes_every_block(tmp_path, pretrained):
+    before = (pretrained["mae"] / "encoder.safetensors").read_bytes()
+    args = [f"run.dir={tmp_path / 'lp'}", "data.name=synthetic", "data.synthetic_size=64",
+            "data.eval_max_samples=40", f"model.init={pretrained['mae']}", "probe.epochs=5",
+            "probe.warmup_epochs=1", "probe.batch_size=16"]  # fmt: skip
+    res = run_linprobe(load_config(LP, args, schema=LinprobeConfig))
+    assert len(res.per_layer_top1) == 2 and len(res.val_top1) == 2 and res.raw_pixels
+    rec = json.loads((tmp_path / "lp" / "eval.json").read_text())["linprobe"]
+    assert rec["blocks"] == [1, 2] and rec["layer"] in (0, 1)
+    assert (tmp_path / "lp" / "probe.safetensors").is_file()
+    assert (tmp_path / "lp" / "figures" / "linprobe_layers.png").is_file()
+    assert (pretrained["mae"] / "encoder.safetensors").read_bytes() == before
+
+
+def test_knn_features_of_any_block():
+    enc = _vit("beit", rel_pos_bias="shared").eval()
+    view = AugmentedView(SyntheticImages(16, img_size=16), EvalTransform(16, [0.5] * 3, [0.25] * 3))
+    f0, _ = extract_features(enc, view, layer=0)
+    x = torch.stack([view[i][0] for i in range(16)])
+    with torch.no_grad():
+        ref = enc.forward_intermediates(x, [0], norm=True)[0][:, 1:].mean(1)
+        last = enc.forward_features(x)[:, 1:].mean(1)
+    torch.testing.assert_close(f0, ref)
+    torch.testing.assert_close(extract_features(enc, view, layer=-1)[0], last)
+
+
+def test_knn_command_is_perfect_on_a_separable_set(tmp_path, pretrained):
+    args = [f"run.dir={tmp_path / 'knn'}", "data.name=synthetic", "data.synthetic_size=100",
+            "data.eval_max_samples=50", f"model.init={pretrained['beit']}", "knn.k=5",
+            "knn.layer=0"]  # fmt: skip
+    res = run_knn(load_config(KNN, args, schema=KnnCommandConfig))
+    # the synthetic classes are oriented stripes: raw pixels separate them perfectly
+    assert res["raw_pixels"].top1 == 100.0 and 0 <= res["encoder"].top1 <= 100
+    assert json.loads((tmp_path / "knn" / "eval.json").read_text())["knn"]["encoder"]["layer"] == 0
+
+
+# ---- errors ----
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("data.label_fraction=0", "data.label_fraction"),
+        ("model.init=/nonexistent/run", "model.init='/nonexistent/run'"),
+        ("model.pool=max", "model.pool"),
+        ("optim.layer_decay=1.5", "optim.layer_decay"),
+        ("aug.rand_augment=nonsense-m9", "aug.rand_augment"),
+    ],
+)
+def test_finetune_config_errors_name_the_key(tmp_path, pretrained, override, needle):
+    args = [*_ft_args(tmp_path, pretrained["mae"]), override]
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(FT, args, schema=FinetuneConfig)
+
+
+def test_scratch_needs_an_architecture(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.method"):
+        load_config(FT, _ft_args(tmp_path, "null"), schema=FinetuneConfig)
+
+
+def test_odd_batch_with_mixup_is_refused(tmp_path, pretrained):
+    cfg = load_config(FT, _ft_args(tmp_path / "x", pretrained["mae"], **{"train.batch_size": 7}),
+                      schema=FinetuneConfig)  # fmt: skip
+    with pytest.raises(ConfigError, match="even"):
+        run_finetune(cfg)
+
+
+# ---- every command on a user's image folder with class subfolders ----
+
+
+def _folder(root, n_per_class=6, classes=("cat", "dog", "fox")):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+            arr[:, :, c] += 150  # the class is the dominant channel
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+
+
+def test_every_downstream_command_on_an_image_folder(tmp_path, capsys):
+    _folder(tmp_path / "train")
+    _folder(tmp_path / "val", n_per_class=3)
+    pre = [a for a in tiny_overrides(tmp_path / "pre") if not a.startswith("data.")]
+    assert main(["pretrain", "-c", str(DEMO), *pre, "data.name=folder",
+                 f"data.root={tmp_path / 'train'}", "train.epochs=1",
+                 "train.batch_size=6"]) == 0  # fmt: skip
+    init = f"model.init={tmp_path / 'pre'}"
+    folder = [f"data.root={tmp_path / 'train'}", "data.name=folder",
+              f"data.eval_root={tmp_path / 'val'}", "data.num_workers=0", init]  # fmt: skip
+    assert main(["finetune", "-c", str(FT), f"run.dir={tmp_path / 'ft'}", *folder,
+                 "train.epochs=1", "train.batch_size=6"]) == 0  # fmt: skip
+    assert main(["linprobe", "-c", str(LP), f"run.dir={tmp_path / 'lp'}", *folder,
+                 "probe.epochs=3",
+            "probe.warmup_epochs=1", "probe.batch_size=8"]) == 0  # fmt: skip
+    assert main(["knn", "-c", str(KNN), f"run.dir={tmp_path / 'knn'}", *folder,
+                 "knn.k=3"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "best top-1" in out and "linear probe top-1" in out and "k-NN top-1 (encoder)" in out
+    meta = ckpt.read_metadata(tmp_path / "ft" / "model_best.safetensors")
+    assert meta["classes"] == ["cat", "dog", "fox"] and meta["num_classes"] == 3
+    png = tmp_path / "train" / "dog" / "0.png"
+    assert main(["visualize", "attention", str(tmp_path / "ft"), str(png), "--patch", "1,2",
+                 "--out", str(tmp_path / "att.png")]) == 0  # fmt: skip
+    assert (tmp_path / "att.png").stat().st_size > 1000
+    assert main(["visualize", "reconstruction", str(tmp_path / "pre"), str(png),
+                 "--out", str(tmp_path / "rec.png")]) == 0  # fmt: skip
+    assert (tmp_path / "rec.png").stat().st_size > 1000
+    # a folder without eval_root is refused before any work, naming the key
+    assert main(["finetune", "-c", str(FT), f"run.dir={tmp_path / 'x'}", *folder[:2], init]) == 2
+    assert "data.eval_root" in capsys.readouterr().err
+
+
+def test_visualize_from_python(tmp_path, pretrained):
+    img = SyntheticImages(2, img_size=16)[1][0]
+    paths = visualize_attention(str(pretrained["beit"]), images=[img], patches=[(1, 1), "cls"],
+                                out=tmp_path / "a.png")  # fmt: skip
+    assert paths == [tmp_path / "a.png"] and paths[0].stat().st_size > 1000
+    with pytest.raises(ConfigError, match="outside"):
+        visualize_attention(str(pretrained["beit"]), images=[img], patches=[(9, 0)])
+    with pytest.raises(ConfigError, match="MAE checkpoint"):
+        visualize_reconstruction(str(pretrained["beit"]), fashion_mnist=[], paths=["x.png"])
