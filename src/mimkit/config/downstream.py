@@ -216,6 +216,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval_every_epochs: int = 1
+    eval_every_steps: int | None = None  # also evaluate every N optimizer steps (curves)
 
     def resolve(self) -> None:
         resolve_encoder(self.model)
@@ -252,6 +253,8 @@ class FinetuneConfig:
         if not 0 < self.ema.decay < 1:
             fail("ema.decay", self.ema.decay, "must be in (0, 1)")
         positive("eval_every_epochs", self.eval_every_epochs)
+        if self.eval_every_steps is not None:
+            positive("eval_every_steps", self.eval_every_steps)
 
 
 @dataclass

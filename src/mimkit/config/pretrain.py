@@ -128,6 +128,9 @@ class TrainConfig:
     epochs: int = 800
     batch_size: int = 64  # per process, per micro-step
     max_steps: int | None = None  # stop after N optimizer steps; the schedule still follows epochs
+    steps: int | None = (
+        None  # a budget in optimizer steps instead of epochs (the schedule spans it)
+    )
     precision: str = "fp32"  # fp32 | bf16
     log_every_steps: int = 10
     ckpt_every_epochs: int = 1
@@ -350,6 +353,8 @@ def validate_train(t: TrainConfig) -> None:
     positive("train.epochs", t.epochs)
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)
+    if t.steps is not None:
+        positive("train.steps", t.steps)
     if t.precision not in ("fp32", "bf16"):
         fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
     for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):

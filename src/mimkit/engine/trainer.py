@@ -107,7 +107,12 @@ class Trainer:
                 f"an epoch of {self.sampler.per_rank} samples gives no optimizer step with "
                 f"train.batch_size={train.batch_size} and optim.accum_steps={optim.accum_steps}"
             )
-        self.total_steps = self.steps_per_epoch * train.epochs
+        if train.steps:  # a budget in steps: the last epoch may end early
+            self.total_steps = train.steps
+            self.num_epochs = math.ceil(train.steps / self.steps_per_epoch)
+        else:
+            self.total_steps = self.steps_per_epoch * train.epochs
+            self.num_epochs = train.epochs
         self.warmup_steps = round(optim.warmup_epochs * self.steps_per_epoch)
         self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
         self.optimizer = build_optimizer(optim, task.model)
@@ -175,7 +180,7 @@ class Trainer:
         last_loss, t0, seen = math.nan, time.perf_counter(), 0
         last_line = time.perf_counter()
         history: list[dict] = []
-        while self.epoch < cfg.epochs and self.step < self.max_steps:
+        while self.epoch < self.num_epochs and self.step < self.max_steps:
             self.data.set_epoch(self.epoch)
             self.sampler.set_epoch(self.epoch)
             self.sampler.set_start(self.batch_in_epoch * cfg.batch_size)
@@ -225,15 +230,16 @@ class Trainer:
                     self.save()
                 if self.step >= self.max_steps:
                     break
-            if self.batch_in_epoch >= self.steps_per_epoch * accum:
+            done = self.step >= self.total_steps  # the step budget may end an epoch early
+            if self.batch_in_epoch >= self.steps_per_epoch * accum or done:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                final = self.epoch >= cfg.epochs
+                final = self.epoch >= self.num_epochs or done
                 if final or self.epoch % cfg.ckpt_every_epochs == 0:
                     self.save()
                 if self.on_epoch_end is not None and show:
                     self.on_epoch_end(self.epoch, final)
         bar.close()
-        stopped_early = self.epoch < cfg.epochs
+        stopped_early = self.step < self.total_steps
         if stopped_early:
             self.save()  # stopped by max_steps: keep the exact place to resume from
         self.logger.close()

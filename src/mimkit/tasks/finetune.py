@@ -67,6 +67,7 @@ class FinetuneTask:
 
             self.ema = ModelEmaV3(model, decay=cfg.ema.decay)
         self._seed, self._last_step, self._micro = 0, -1, 0
+        self.step_callback = None  # called after every optimizer step (periodic evaluation)
 
     def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         # Mixup draws from NumPy's global generator: seed it from (seed, step, micro-step)
@@ -87,6 +88,8 @@ class FinetuneTask:
     def after_step(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=step)
+        if self.step_callback is not None:
+            self.step_callback(step)
 
     def weights(self) -> dict[str, torch.Tensor]:
         state = self.model.timm_state_dict()
@@ -233,9 +236,12 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
 
     trainer = None
 
-    def evaluate(epoch: int, final: bool) -> None:
+    def evaluate(epoch: float, final: bool) -> None:
         if not (final or epoch % cfg.eval_every_epochs == 0):
             return
+        step = trainer.step if trainer is not None else 0
+        if state["history"] and state["history"][-1]["step"] == step:
+            return  # already evaluated at this step
         rec = {"epoch": epoch, **evaluate_classifier(model, eval_loader, device=device)}
         candidates = [("model", rec["top1"], model)]
         if task.ema is not None:
@@ -243,7 +249,6 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             rec |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
             candidates.append(("ema", ema["top1"], task.ema.module))
         which, top1, best_model = max(candidates, key=lambda c: c[1])
-        step = trainer.step if trainer is not None else 0
         trainer.logger.log(rec, step=step, prefix="eval")  # jsonl + TensorBoard
         state["history"].append({"step": step, **rec})
         step_meta = {**meta, "step": step, "epoch": epoch}
@@ -261,7 +266,7 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             )
         eval_path.write_text(json.dumps(state, indent=2) + "\n")
         print(
-            f"eval epoch {epoch}: top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
+            f"eval epoch {epoch:g} (step {step}): top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
             + (f" (EMA top-1 {rec['ema_top1']:.2f}%)" if task.ema is not None else "")
             + f"; best {state['best']['top1']:.2f}% (epoch {state['best']['epoch']})",
             flush=True,
@@ -278,6 +283,13 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         num_workers=d.num_workers,
         on_epoch_end=evaluate,
     )
+    if cfg.eval_every_steps and is_main():
+
+        def step_eval(step: int) -> None:
+            if step % cfg.eval_every_steps == 0 and step < trainer.total_steps:
+                evaluate(round(step / trainer.steps_per_epoch, 3), True)
+
+        task.step_callback = step_eval
     if resume:
         trainer.resume()
     result = trainer.fit()
