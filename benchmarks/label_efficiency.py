@@ -296,8 +296,8 @@ def _plots(out, runs, summary, fracs, names) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mae", required=True, help="MAE pretraining run (or encoder) on FMNIST")
-    ap.add_argument("--beit", required=True, help="BEiT pretraining run (or encoder) on FMNIST")
+    ap.add_argument("--mae", help="MAE pretraining run (or encoder) on Fashion-MNIST")
+    ap.add_argument("--beit", help="BEiT pretraining run (or encoder) on Fashion-MNIST")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
@@ -318,6 +318,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
+    inits = {m: i for m, i in inits.items() if m == "scratch" or i is not None}
     t0 = time.perf_counter()
     print(
         f"label efficiency: {len(args.fractions)} fractions x {len(args.seeds)} seeds x 3 "

@@ -22,6 +22,7 @@ from mimkit.config.downstream import (
 from mimkit.data import (
     AugmentedView,
     EvalTransform,
+    FinetuneTransform,
     SyntheticImages,
     class_balanced_subset,
     labeled_subset,
@@ -239,7 +240,13 @@ def test_finetune_at_another_resolution_interpolates_position_tables(tmp_path, p
 
 def test_finetune_resume_is_exact(tmp_path, pretrained):
     """Mixup, RandAugment, erasing and drop path all replay after a resume."""
-    extra = {"aug.mixup": 0.8, "aug.cutmix": 1.0, "run.deterministic": True}
+    extra = {
+        "aug.mixup": 0.8,
+        "aug.cutmix": 1.0,
+        "aug.rand_augment": "rand-m9-mstd0.5-inc1",
+        "aug.reprob": 0.25,
+        "run.deterministic": True,
+    }
     straight = tmp_path / "straight"
     run_finetune(load_config(FT, _ft_args(straight, pretrained["mae"], **extra),
                              schema=FinetuneConfig))  # fmt: skip
@@ -343,6 +350,7 @@ def test_knn_command_is_perfect_on_a_separable_set(tmp_path, pretrained):
         ("data.label_fraction=0", "data.label_fraction"),
         ("model.init=/nonexistent/run", "model.init='/nonexistent/run'"),
         ("model.pool=max", "model.pool"),
+        ("train.steps=0", "train.steps"),
         ("optim.layer_decay=1.5", "optim.layer_decay"),
         ("aug.rand_augment=nonsense-m9", "aug.rand_augment"),
     ],
@@ -359,8 +367,10 @@ def test_scratch_needs_an_architecture(tmp_path):
 
 
 def test_odd_batch_with_mixup_is_refused(tmp_path, pretrained):
-    cfg = load_config(FT, _ft_args(tmp_path / "x", pretrained["mae"], **{"train.batch_size": 7}),
-                      schema=FinetuneConfig)  # fmt: skip
+    extra = {"train.batch_size": 7, "aug.mixup": 0.8}
+    cfg = load_config(
+        FT, _ft_args(tmp_path / "x", pretrained["mae"], **extra), schema=FinetuneConfig
+    )
     with pytest.raises(ConfigError, match="even"):
         run_finetune(cfg)
 
@@ -420,3 +430,14 @@ def test_visualize_from_python(tmp_path, pretrained):
         visualize_attention(str(pretrained["beit"]), images=[img], patches=[(9, 0)])
     with pytest.raises(ConfigError, match="MAE checkpoint"):
         visualize_reconstruction(str(pretrained["beit"]), fashion_mnist=[], paths=["x.png"])
+
+
+@pytest.mark.parametrize("spec", ["rand-m10-mstd0.5-inc1", "rand-m0-mstd0.5", "rand-m9-mstd0.5"])
+def test_rand_augment_extremes_work_with_current_pillow(spec):
+    """timm maps extreme posterize levels to 0 bits, which Pillow refuses; we keep 1 bit."""
+    tf = FinetuneTransform(28, [0.3], [0.3], rand_augment=spec, reprob=0.25)
+    img = torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8)
+    outs = [tf(img, torch.Generator().manual_seed(i)) for i in range(300)]
+    assert all(o.shape == (1, 28, 28) and torch.isfinite(o).all() for o in outs)
+    again = tf(img, torch.Generator().manual_seed(7))
+    assert torch.equal(again, outs[7])  # a function of the sample's generator

@@ -204,6 +204,13 @@ def seeded_globals(seed: int) -> Iterator[None]:
         torch.set_rng_state(pt)
 
 
+def _at_least_one_bit(level_fn):
+    def clamped(magnitude, hparams):
+        return tuple(max(1, int(v)) for v in level_fn(magnitude, hparams))
+
+    return clamped
+
+
 class FinetuneTransform:
     """Fine-tuning augmentation (DeiT, BEiT, MAE): random resized crop, flip, RandAugment,
     normalize, random erasing, with timm's operators."""
@@ -240,6 +247,12 @@ class FinetuneTransform:
             if rand_augment
             else None
         )
+        if self.rand_augment is not None:
+            for op in self.rand_augment.ops:
+                if "Posterize" in op.name and op.level_fn is not None:
+                    # timm maps the top (or, with magnitude noise, the bottom) level to 0 bits,
+                    # which current Pillow refuses: keep at least 1 bit
+                    op.level_fn = _at_least_one_bit(op.level_fn)
         self.erase = (
             RandomErasing(reprob, mode=remode, max_count=1, device="cpu") if reprob > 0 else None
         )
