@@ -49,6 +49,7 @@ STEPS = {0.01: 150, 0.1: 200, 1.0: 250}
 
 def _mimkit(args: list[str], log: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
@@ -300,7 +301,13 @@ def main() -> int:
     ap.add_argument("--beit", help="BEiT pretraining run (or encoder) on Fashion-MNIST")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: CPU cores / jobs)",
+    )
     ap.add_argument("--out", default="benchmarks/results/label_efficiency")
     ap.add_argument("--steps", type=int, default=None, help="one step budget for every fraction")
     ap.add_argument(
@@ -316,13 +323,13 @@ def main() -> int:
         STEPS.update({f: args.steps for f in args.fractions})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
     inits = {m: i for m, i in inits.items() if m == "scratch" or i is not None}
     t0 = time.perf_counter()
     print(
-        f"label efficiency: {len(args.fractions)} fractions x {len(args.seeds)} seeds x 3 "
-        f"encoders, {args.jobs} at once",
+        f"label efficiency: {len(args.fractions)} fractions x {len(args.seeds)} seeds x "
+        f"{len(inits)} encoders, {args.jobs} at once",
         flush=True,
     )
     jobs = [(m, i, f, s) for f in args.fractions for s in args.seeds for m, i in inits.items()]

@@ -28,7 +28,7 @@ from mimkit.data import (
     labeled_subset,
 )
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.optim import layer_decay_param_groups, set_lr
+from mimkit.engine.optim import cosine_lr, layer_decay_param_groups, set_lr
 from mimkit.models import build_encoder
 from mimkit.models.heads import Classifier
 from mimkit.tasks.finetune import build_classifier, run_finetune
@@ -441,3 +441,16 @@ def test_rand_augment_extremes_work_with_current_pillow(spec):
     assert all(o.shape == (1, 28, 28) and torch.isfinite(o).all() for o in outs)
     again = tf(img, torch.Generator().manual_seed(7))
     assert torch.equal(again, outs[7])  # a function of the sample's generator
+
+
+def test_a_budget_in_steps_spans_the_schedule(tmp_path):
+    """train.steps: the schedule ends at the budget, even inside an epoch (8 steps per epoch)."""
+    cfg = load_config(DEMO, [*tiny_overrides(tmp_path / "run"), "train.steps=11"])
+    res = run_pretrain(cfg)
+    assert res.train.step == 11 and res.train.epoch == 2 and not res.train.stopped_early
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "train"][-1]
+    assert last["step"] == 11  # the lr of the last step follows a schedule 11 steps long
+    expected = cosine_lr(10, lr=cfg.optim.lr, min_lr=0.0, warmup_steps=8, total_steps=11)
+    assert last["lr"] == pytest.approx(expected) and expected < 0.3 * cfg.optim.lr
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-00000011").is_dir()
