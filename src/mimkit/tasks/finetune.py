@@ -168,7 +168,8 @@ def _classifier_metadata(cfg, loaded, data, num_classes: int) -> dict[str, Any]:
         "mean": data.mean,
         "std": data.std,
         "label_fraction": cfg.data.label_fraction,
-        "model_config": to_dict(e.model_config()),
+        # the encoder's architecture (no decoder: a classifier has none)
+        "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
     }
 
 
