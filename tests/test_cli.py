@@ -9,10 +9,32 @@ from tests.conftest import ROOT
 MIMKIT = [sys.executable, "-m", "mimkit.cli"]
 
 
-@pytest.mark.parametrize("sub", [[], ["pretrain"], ["config"], ["inspect"]])
-def test_every_subcommand_has_help(sub):
-    proc = subprocess.run([*MIMKIT, *sub, "--help"], capture_output=True, text=True)
+def test_the_command_has_help():
+    proc = subprocess.run([*MIMKIT, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: mimkit" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        ["pretrain"],
+        ["config"],
+        ["inspect"],
+        ["finetune"],
+        ["linprobe"],
+        ["knn"],
+        ["visualize", "attention"],
+        ["visualize", "reconstruction"],
+        ["tokenizer", "train"],
+        ["convert", "dalle"],
+    ],
+)
+def test_every_subcommand_has_help(sub, capsys):
+    from mimkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*sub, "--help"])
+    assert exit_info.value.code == 0 and "usage: mimkit" in capsys.readouterr().out
 
 
 def test_pretrain_then_inspect_and_resume_from_the_cli(tmp_path):
