@@ -299,6 +299,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mae", help="MAE pretraining run (or encoder) on Fashion-MNIST")
     ap.add_argument("--beit", help="BEiT pretraining run (or encoder) on Fashion-MNIST")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["scratch", "mae", "beit"],
+        help="only these encoders (default: scratch and every one given)",
+    )
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at once")
@@ -326,6 +332,8 @@ def main() -> int:
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
     inits = {m: i for m, i in inits.items() if m == "scratch" or i is not None}
+    if args.methods:
+        inits = {m: i for m, i in inits.items() if m in args.methods}
     t0 = time.perf_counter()
     print(
         f"label efficiency: {len(args.fractions)} fractions x {len(args.seeds)} seeds x "
