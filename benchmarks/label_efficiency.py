@@ -44,7 +44,7 @@ SCRATCH = [
 ]
 BATCH = 64
 # optimizer steps per label fraction (the same for every method)
-STEPS = {0.01: 150, 0.1: 200, 1.0: 250}
+STEPS = {0.01: 100, 0.1: 150, 1.0: 200}
 
 
 def _mimkit(args: list[str], log: Path, threads: int) -> float:
@@ -82,13 +82,13 @@ def _finetune(out: Path, method: str, init: str | None, frac: float, seed: int, 
         f"run.dir={run}",
         f"run.seed={seed}",
         f"data.label_fraction={frac}",
-        "data.eval_max_samples=2000",
+        "data.eval_max_samples=1000",
         "data.num_workers=0",
         f"train.steps={steps}",
         f"train.batch_size={BATCH}",
         "train.log_every_steps=10",
         f"optim.warmup_epochs={0.1 * steps / spe:.4f}",
-        "eval_every_steps=25",
+        "eval_every_steps=50",
         "eval_every_epochs=100000",
     ]
     args += [*SCRATCH, "optim.layer_decay=1.0"] if init is None else [f"model.init={init}"]
@@ -286,7 +286,7 @@ def _plots(out, runs, summary, fracs, names) -> None:
                 ys = [y for c in curves for x, y in c if x == s]
                 pts.append((s, statistics.mean(ys)))
             lines[names[m]] = pts
-        conv[f"{f:.0%} labels: top-1 on 2,000 test images"] = lines
+        conv[f"{f:.0%} labels: top-1 on 1,000 test images"] = lines
     save_curves(
         conv,
         out / "convergence.png",
