@@ -18,6 +18,7 @@ interrupted benchmark continues where it stopped. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -139,8 +140,12 @@ def _full_test(run: Path) -> tuple[float, float]:
     return r["top1"], r["top5"]
 
 
-def _probes(out: Path, method: str, init: str | None, threads: int) -> dict:
+def _probes(
+    out: Path, method: str, init: str | None, threads: int, read_only: bool = False
+) -> dict:
     res = {}
+    if read_only and not (out / "linprobe" / method / "eval.json").is_file():
+        raise FileNotFoundError(method)
     model = SCRATCH if init is None else [f"model.init={init}"]
     pixels = ["probe.raw_pixels=true"] if method == "scratch" else ["probe.raw_pixels=false"]
     lp = out / "linprobe" / method
@@ -171,6 +176,8 @@ def _probes(out: Path, method: str, init: str | None, threads: int) -> dict:
     if rec.get("raw_pixels"):
         res["linprobe_pixels"] = rec["raw_pixels"]["top1"]
     kn = out / "knn" / method
+    if read_only and not (kn / "eval.json").is_file():
+        return res
     if not (kn / "eval.json").is_file():
         import shutil
 
@@ -214,9 +221,12 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
         cells = [names[m]]
         for f in fracs:
             xs = [r["top1"] for r in runs if r["method"] == m and r["fraction"] == f]
+            if not xs:
+                cells.append("—")
+                continue
             mu, sd = _mean_std(xs)
             summary.setdefault(m, {})[f] = (mu, sd, len(xs))
-            cells.append(f"{mu:.2f} ± {sd:.2f}")
+            cells.append(f"{mu:.2f} ± {sd:.2f} (n={len(xs)})")
         p = probes.get(m, {})
         lp = p.get("linprobe")
         label = "random init" if m == "scratch" else ""
@@ -237,7 +247,7 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
     margins = []
     for m in ("mae", "beit"):
         for f in fracs:
-            if m in summary and "scratch" in summary:
+            if f in summary.get(m, {}) and f in summary.get("scratch", {}):
                 (a, sa, _), (b, sb, _) = summary[m][f], summary["scratch"][f]
                 margins.append(
                     f"{names[m]} − scratch at {f:.0%} labels: {a - b:+.2f} points "
@@ -247,7 +257,7 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
     steps = ", ".join(f"{f:.0%}: {STEPS.get(f, 250)}" for f in fracs)
     text = "\n".join(
         [
-            "Fashion-MNIST test top-1 (%), mean ± std over seeds "
+            "Fashion-MNIST test top-1 (%), mean ± std over the n seeds done of "
             + ", ".join(map(str, seeds))
             + f"; fine-tuning budget in optimizer steps of batch {BATCH} ({steps}); last weights, "
             "whole 10,000-image test split.",
@@ -266,8 +276,12 @@ def _plots(out, runs, summary, fracs, names) -> None:
     from mimkit.viz import save_curves
 
     panel = "fine-tuning top-1 (%) vs labeled fraction"
-    lines = {names[m]: [(f * 100, summary[m][f][0]) for f in fracs] for m in summary}
-    errs = {panel: {names[m]: [summary[m][f][1] for f in fracs] for m in summary}}
+    lines = {
+        names[m]: [(f * 100, summary[m][f][0]) for f in fracs if f in summary[m]] for m in summary
+    }
+    errs = {
+        panel: {names[m]: [summary[m][f][1] for f in fracs if f in summary[m]] for m in summary}
+    }
     save_curves(
         {panel: lines},
         out / "accuracy_vs_labels.png",
@@ -323,8 +337,22 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="overrides for every command (e.g. data.max_samples=2000 for a smoke run)",
     )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table and plots from the finished runs in --out",
+    )
     args = ap.parse_args()
     EXTRA.extend(args.extra)
+    if args.report_only:
+        out = Path(args.out)
+        runs = [json.loads(p.read_text()) for p in sorted(out.glob("finetune/*/test.json"))]
+        probes = {}
+        for m in ("scratch", "mae", "beit"):
+            with contextlib.suppress(FileNotFoundError):
+                probes[m] = _probes(out, m, None, 1, read_only=True)
+        print(report(out, runs, probes, args))
+        return 0
     if args.steps:
         STEPS.update({f: args.steps for f in args.fractions})
     out = Path(args.out)
