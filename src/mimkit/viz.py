@@ -27,6 +27,18 @@ __all__ = [
 MASK_COLOR = torch.tensor([0.29, 0.44, 0.65])  # a muted blue, unlike any grayscale pixel
 
 
+def _save(fig, path: str | Path, title: str | None, *, fontsize: int = 10) -> Path:
+    """Title, tight layout, write the PNG (parents created), close the figure."""
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def mae_reconstruction_panels(
     model: MAE, imgs: torch.Tensor, *, seed: int = 0
@@ -99,14 +111,7 @@ def save_grid(
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 @torch.no_grad()
@@ -238,14 +243,7 @@ def save_attention_figure(
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def save_curves(
@@ -278,11 +276,4 @@ def save_curves(
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, fontsize=11)

@@ -14,16 +14,24 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from mimkit.config import ConfigError
 from mimkit.config.downstream import ClassifyDataConfig, EncoderConfig
 from mimkit.data import build_dataset, dataset_labels, labeled_subset
+from mimkit.engine.checkpoint import read_metadata
 from mimkit.models import build_encoder
-from mimkit.models.loading import EncoderWeights, load_encoder_weights
+from mimkit.models.loading import EncoderWeights, find_checkpoint, load_encoder_weights
 from mimkit.models.resize import expand_shared_rel_pos_bias, resize_encoder_state
 
-__all__ = ["ClassifyData", "LoadedEncoder", "classify_data", "load_encoder"]
+__all__ = [
+    "ClassifyData",
+    "LoadedEncoder",
+    "classify_data",
+    "evaluate_classifier",
+    "load_encoder",
+    "pretraining_normalization",
+]
 
 _SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -135,8 +143,13 @@ def classify_data(
     return ClassifyData(train, eval_set, num_classes, classes, mean, std)
 
 
-def subset_size(ds: Dataset) -> int:
-    return len(ds.indices) if isinstance(ds, Subset) else len(ds)
+def pretraining_normalization(init: str | None) -> tuple[list | None, list | None]:
+    """The mean/std recorded with ``init`` (None, None for random init), from the header only:
+    fine-tuning needs it to build the data, and the data's class count to build the model."""
+    if init is None:
+        return None, None
+    meta = read_metadata(find_checkpoint(init))
+    return meta.get("mean"), meta.get("std")
 
 
 @torch.no_grad()

@@ -29,7 +29,12 @@ from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models.heads import Classifier
-from mimkit.tasks.downstream import classify_data, evaluate_classifier, load_encoder
+from mimkit.tasks.downstream import (
+    classify_data,
+    evaluate_classifier,
+    load_encoder,
+    pretraining_normalization,
+)
 
 __all__ = ["FinetuneResult", "FinetuneTask", "build_classifier", "run_finetune"]
 
@@ -183,14 +188,14 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         )
     run_dir, device = prepare_run(cfg, resume=resume)
     # normalization: the pretraining's, so the encoder sees what it was trained on
-    probe = load_encoder_meta_mean_std(e.init)
+    mean, std = pretraining_normalization(e.init)  # read from the header only
     data = classify_data(
         cfg.data,
         img_size=e.img_size,
         channels=e.in_chans,
         seed=cfg.run.seed,
-        mean=probe[0],
-        std=probe[1],
+        mean=mean,
+        std=std,
     )
     num_classes = e.num_classes or data.num_classes
     model, loaded, notes = build_classifier(cfg, num_classes=num_classes)
@@ -309,16 +314,6 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         notes,
         hist,
     )
-
-
-def load_encoder_meta_mean_std(init: str | None) -> tuple[list | None, list | None]:
-    """The normalization recorded with ``init`` (None, None for random init)."""
-    if init is None:
-        return None, None
-    from mimkit.models.loading import find_checkpoint
-
-    meta = ckpt.read_metadata(find_checkpoint(init))
-    return meta.get("mean"), meta.get("std")
 
 
 def _curves(run_dir: Path) -> None:

@@ -143,17 +143,16 @@ def run_knn(cfg) -> dict[str, KnnResult]:
     from mimkit.data import AugmentedView, EvalTransform
     from mimkit.engine.rundir import prepare_run
     from mimkit.tasks.downstream import classify_data, load_encoder
-    from mimkit.tasks.finetune import load_encoder_meta_mean_std
 
     run_dir, device = prepare_run(cfg, resume=False)
     e, k = cfg.model, cfg.knn
-    mean, std = load_encoder_meta_mean_std(e.init)
-    data = classify_data(
-        cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed, mean=mean, std=std
-    )
     loaded = load_encoder(e)
     for note in loaded.notes:
         print(f"knn: {note}", flush=True)
+    data = classify_data(
+        cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
+        mean=loaded.mean, std=loaded.std,
+    )  # fmt: skip
     tf = EvalTransform(e.img_size, data.mean, data.std)
     train, test = (AugmentedView(ds, tf) for ds in (data.train, data.eval))
     results = {

@@ -27,7 +27,6 @@ from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
 from mimkit.engine.rundir import prepare_run
 from mimkit.tasks.downstream import classify_data, load_encoder
-from mimkit.tasks.finetune import load_encoder_meta_mean_std
 
 __all__ = ["LinearProbes", "LinprobeResult", "block_features", "run_linprobe", "train_probes"]
 
@@ -179,14 +178,14 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     """Linear probe as ``cfg`` says; writes eval.json, probe.safetensors, metrics and a figure."""
     run_dir, device = prepare_run(cfg, resume=False)
     e, p = cfg.model, cfg.probe
-    mean, std = load_encoder_meta_mean_std(e.init)
-    data = classify_data(
-        cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed, mean=mean, std=std
-    )
     loaded = load_encoder(e)
     encoder = loaded.encoder.to(device)
     for note in loaded.notes:
         print(f"linprobe: {note}", flush=True)
+    data = classify_data(
+        cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
+        mean=loaded.mean, std=loaded.std,
+    )  # fmt: skip
     for param in encoder.parameters():
         param.requires_grad_(False)
     layers = list(range(e.depth)) if p.layers == "all" else [e.depth - 1]

@@ -12,7 +12,7 @@ from PIL import Image
 from mimkit.config import ConfigError, ModelConfig
 from mimkit.config.downstream import EncoderConfig, resolve_encoder
 from mimkit.data import EvalTransform, FashionMNIST
-from mimkit.engine.checkpoint import load_weights
+from mimkit.engine.checkpoint import load_weights, read_metadata
 from mimkit.models import MAE, build_encoder
 from mimkit.models.attention import attention_maps
 from mimkit.models.loading import find_checkpoint
@@ -68,7 +68,7 @@ def visualize_attention(
     e = EncoderConfig(init=checkpoint, drop_path=0.0)
     resolve_encoder(e)
     file = find_checkpoint(checkpoint)
-    _, meta = load_weights(file)
+    meta = read_metadata(file)
     classifier_avg = meta.get("kind") == "classifier" and meta.get("pool") == "avg"
     loaded = load_encoder(e, drop_norm=classifier_avg)
     encoder = loaded.encoder.eval()
