@@ -119,6 +119,41 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_dense(r, primary: str, figure: str) -> None:
+    print(f"\nrun directory: {r.run_dir}")
+    print(f"  steps {r.train.step}, epochs {r.train.epoch}, last loss {r.train.loss:.4f}")
+    for which, rec, path in (("best", r.best, r.best_path), ("last", r.last, r.last_path)):
+        if rec:
+            shown = ", ".join(
+                f"{k} {v:.2f}"
+                for k, v in rec.items()
+                if isinstance(v, float) and k not in ("epoch",) and "_map_" not in k[4:]
+            )
+            print(f"  {which} (epoch {rec['epoch']:g}): {shown}: {path}")
+    print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}")
+    print(f"  figures: {r.run_dir / 'figures' / figure}, {r.run_dir / 'figures'}/*_curves.png")
+    if r.train.stopped_early:
+        print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from mimkit.config.dense import SegmentConfig
+    from mimkit.tasks.segment import run_segment
+
+    cfg = load_config(args.config, args.overrides, schema=SegmentConfig)
+    _report_dense(run_segment(cfg, resume=args.resume), "mIoU", "segmentation.png")
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from mimkit.config.dense import DetectConfig
+    from mimkit.tasks.detect import run_detect
+
+    cfg = load_config(args.config, args.overrides, schema=DetectConfig)
+    _report_dense(run_detect(cfg, resume=args.resume), "box_map", "detection.png")
+    return 0
+
+
 def _cmd_linprobe(args: argparse.Namespace) -> int:
     from mimkit.config.downstream import LinprobeConfig
     from mimkit.tasks.linprobe import run_linprobe
@@ -195,6 +230,7 @@ def _cmd_visualize_reconstruction(args: argparse.Namespace) -> int:
 
 def _schema(kind: str, path: str) -> type:
     from mimkit.config import PretrainConfig, TokenizerConfig
+    from mimkit.config.dense import DetectConfig, SegmentConfig
     from mimkit.config.downstream import FinetuneConfig, KnnCommandConfig, LinprobeConfig
 
     schemas = {
@@ -203,6 +239,8 @@ def _schema(kind: str, path: str) -> type:
         "finetune": FinetuneConfig,
         "linprobe": LinprobeConfig,
         "knn": KnnCommandConfig,
+        "segment": SegmentConfig,
+        "detect": DetectConfig,
     }
     if kind == "auto":  # configs/<kind>/recipe.yaml
         kind = Path(path).parent.name if Path(path).parent.name in schemas else "pretrain"
@@ -287,6 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=_cmd_knn)
+
+    p = sub.add_parser(
+        "segment",
+        help="semantic segmentation with a pretrained ViT (UperNet or SETR-PUP)",
+        description="Semantic segmentation (BEiT Sec. 3.2): the ViT of model.init (position "
+        "tables interpolated to model.img_size) under UperNet (four blocks) or SETR-PUP, "
+        "layer-wise lr decay, warm-up then linear decay; mIoU, per-class IoU and pixel "
+        "accuracy with whole-image or sliding-window inference. Data: the Fashion-MNIST mosaic "
+        "or ADE20K's folder layout. Writes config.yaml, metrics.jsonl, eval.json, checkpoints/, "
+        "model_best / model_last.safetensors and figures/segmentation.png to run.dir.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "detect",
+        help="object detection with a pretrained ViT (ViTDet pyramid + Faster/Mask R-CNN)",
+        description="Detection (ViTDet): a simple feature pyramid from the ViT of model.init "
+        "feeding torchvision's Faster R-CNN, or Mask R-CNN where masks exist; COCO-style box (and "
+        "mask) mAP. Data: the Fashion-MNIST mosaic or COCO-format annotations. Writes config.yaml, "
+        "metrics.jsonl, eval.json, checkpoints/, model_best / model_last.safetensors and "
+        "figures/detection.png to run.dir.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(
         "visualize",
@@ -386,7 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind",
         default="auto",
-        choices=["auto", "pretrain", "tokenizer", "finetune", "linprobe", "knn"],
+        choices=[
+            "auto",
+            "pretrain",
+            "tokenizer",
+            "finetune",
+            "linprobe",
+            "knn",
+            "segment",
+            "detect",
+        ],
         help="the command the recipe is for (auto: the recipe's folder name under configs/, "
         "else pretrain)",
     )

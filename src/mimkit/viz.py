@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from matplotlib.patches import Patch, Rectangle
 
 from mimkit.models.mae import MAE
 from mimkit.targets import denormalize_patches, patchify, unpatchify
@@ -19,8 +20,10 @@ __all__ = [
     "save_attention_figure",
     "save_beit_figure",
     "save_curves",
+    "save_detection_figure",
     "save_grid",
     "save_reconstruction_figure",
+    "save_segmentation_figure",
     "save_tokenizer_figure",
 ]
 
@@ -277,3 +280,101 @@ def save_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path, title, fontsize=11)
+
+
+def _palette(num_classes: int) -> torch.Tensor:
+    """(K, 3) colours in [0, 1]; class 0 (background in the mosaic) dark."""
+    cmap = plt.get_cmap("tab20" if num_classes <= 20 else "hsv")
+    cols = [cmap(i % 20 if num_classes <= 20 else i / num_classes)[:3] for i in range(num_classes)]
+    cols[0] = (0.08, 0.08, 0.08)
+    return torch.tensor(cols, dtype=torch.float32)
+
+
+def _as_rgb(img: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) in [0, 1] -> (H, W, 3)."""
+    img = img.clamp(0, 1)
+    rgb = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+    return rgb.permute(1, 2, 0).float().clone()
+
+
+def save_segmentation_figure(
+    images: list[torch.Tensor],
+    truths: list[torch.Tensor],
+    preds: list[torch.Tensor],
+    path: str | Path,
+    *,
+    classes: tuple[str, ...],
+    mean,
+    std,
+    ignore_index: int = 255,
+    title: str | None = None,
+) -> Path:
+    """Rows of image | truth | prediction (normalized images (C, H, W); label maps (H, W))."""
+    pal = _palette(len(classes))
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+
+    def colour(label: torch.Tensor) -> torch.Tensor:
+        out = pal[label.clamp(0, len(classes) - 1)]  # (H, W, 3)
+        out[label == ignore_index] = 1.0  # ignored pixels white
+        return out
+
+    for row, (img, truth, pred) in enumerate(zip(images, truths, preds, strict=True)):
+        img = torch.nn.functional.interpolate(
+            img[None].float(), truth.shape[-2:], mode="bilinear", align_corners=False
+        )[0]
+        panels = (_as_rgb(img * s + m), colour(truth), colour(pred))
+        for col, (ax, panel) in enumerate(zip(axes[row], panels, strict=True)):
+            ax.imshow(panel.numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(("image", "truth", "prediction")[col], fontsize=9)
+    present = sorted({int(v) for t in (*truths, *preds) for v in t.unique() if v < len(classes)})
+    handles = [Patch(color=pal[c].tolist(), label=classes[c]) for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7)
+    fig.subplots_adjust(bottom=0.08)
+    return _save(fig, path, title)
+
+
+def save_detection_figure(
+    images: list[torch.Tensor],
+    predictions: list[dict[str, torch.Tensor]],
+    targets: list[dict[str, torch.Tensor]],
+    path: str | Path,
+    *,
+    classes: tuple[str, ...],
+    score_threshold: float = 0.5,
+    title: str | None = None,
+) -> Path:
+    """One panel per image (C, H, W) in [0, 1]: predicted boxes (solid, with class and score)
+    above ``score_threshold``, ground-truth boxes dashed; masks shaded when predicted."""
+    pal = _palette(max(len(classes), 2))
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for ax, img, pred, truth in zip(axes[0], images, predictions, targets, strict=True):
+        rgb = _as_rgb(img.float())
+        keep = pred["scores"] >= score_threshold
+        if "masks" in pred and keep.any():
+            for mask, label in zip(pred["masks"][keep], pred["labels"][keep], strict=True):
+                on = mask[0] > 0.5
+                rgb[on] = 0.5 * rgb[on] + 0.5 * pal[int(label) % len(pal)]
+        ax.imshow(rgb.numpy(), interpolation="nearest")
+        for box in truth["boxes"]:
+            x1, y1, x2, y2 = box.tolist()
+            dashed = {"fill": False, "ls": "--", "lw": 0.8, "ec": "white"}
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, **dashed))
+        for box, label, score in zip(
+            pred["boxes"][keep], pred["labels"][keep], pred["scores"][keep], strict=True
+        ):
+            x1, y1, x2, y2 = box.tolist()
+            c = pal[int(label) % len(pal)].tolist()
+            ax.add_patch(
+                Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, lw=1.5, ec=c)
+            )
+            name = classes[int(label)] if int(label) < len(classes) else str(int(label))
+            tag = {"color": "white", "fontsize": 6, "va": "bottom"}
+            ax.text(x1, y1, f"{name} {float(score):.2f}", bbox={"fc": c, "ec": "none"}, **tag)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path, title)

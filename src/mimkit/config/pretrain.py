@@ -121,6 +121,7 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     clip_grad: float | None = None
     accum_steps: int = 1
+    schedule: str = "cosine"  # after warm-up: cosine (MAE, BEiT) | linear (to min_lr; segmentation)
 
 
 @dataclass
@@ -347,6 +348,8 @@ def validate_optim(o: OptimConfig, t: TrainConfig) -> None:
         fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
     if o.clip_grad is not None:
         positive("optim.clip_grad", o.clip_grad)
+    if o.schedule not in ("cosine", "linear"):
+        fail("optim.schedule", o.schedule, "one of ['cosine', 'linear']")
 
 
 def validate_train(t: TrainConfig) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -72,6 +74,7 @@ def make_loader(
     num_workers: int,
     drop_last: bool,
     seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     # an explicit generator keeps the loader from drawing on the global RNG (exact resume)
     return DataLoader(
@@ -83,4 +86,5 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
+        collate_fn=collate_fn,
     )

@@ -13,7 +13,9 @@ __all__ = [
     "build_optimizer",
     "cosine_lr",
     "layer_decay_param_groups",
+    "linear_lr",
     "param_groups",
+    "schedule_lr",
     "set_lr",
 ]
 
@@ -101,6 +103,24 @@ def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_s
         return lr
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0, then a linear decay to ``min_lr`` (BEiT Table 7, segmentation)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if total_steps <= warmup_steps:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return lr + (min_lr - lr) * progress
+
+
+def schedule_lr(schedule: str, step: int, **kwargs: float) -> float:
+    """The lr of ``schedule`` ("cosine" | "linear") at ``step``."""
+    fn = {"cosine": cosine_lr, "linear": linear_lr}.get(schedule)
+    if fn is None:
+        raise ValueError(f"unknown lr schedule {schedule!r} (cosine | linear)")
+    return fn(step, **kwargs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

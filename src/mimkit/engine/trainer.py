@@ -27,7 +27,7 @@ from mimkit.data import AugmentedView, ResumableSampler, make_loader
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main, rank, world_size
 from mimkit.engine.logging import MetricsLogger
-from mimkit.engine.optim import build_optimizer, cosine_lr, set_lr
+from mimkit.engine.optim import build_optimizer, schedule_lr, set_lr
 
 __all__ = ["NonFiniteLossError", "StepOutput", "Task", "TrainResult", "Trainer"]
 
@@ -87,6 +87,7 @@ class Trainer:
         seed: int,
         num_workers: int = 0,
         on_epoch_end: Callable[[int, bool], None] | None = None,
+        collate_fn: Callable | None = None,
     ) -> None:
         self.task, self.data, self.optim_cfg, self.cfg = task, data, optim, train
         self.run_dir, self.device, self.seed = Path(run_dir), device, seed
@@ -99,6 +100,7 @@ class Trainer:
             num_workers=num_workers,
             drop_last=True,
             seed=seed,
+            collate_fn=collate_fn,
         )
         self.batches_per_epoch = self.sampler.per_rank // train.batch_size
         self.steps_per_epoch = self.batches_per_epoch // optim.accum_steps
@@ -246,7 +248,8 @@ class Trainer:
         return TrainResult(self.step, self.epoch, last_loss, stopped_early, history)
 
     def _optimizer_step(self, loss: torch.Tensor) -> float:
-        lr = cosine_lr(
+        lr = schedule_lr(
+            getattr(self.optim_cfg, "schedule", "cosine"),
             self.step,
             lr=self.optim_cfg.lr,
             min_lr=self.optim_cfg.min_lr,

@@ -1,0 +1,252 @@
+"""What ``mimkit segment`` and ``mimkit detect`` share.
+
+The data (the Fashion-MNIST mosaic, ADE20K's folder layout, COCO annotations), the encoder loaded
+at the task's resolution (position embeddings and relative position tables interpolated, the final
+norm dropped since the heads read block outputs), and the loop around the trainer that evaluates
+every ``eval.every_epochs`` / ``eval.every_steps`` and keeps ``model_last`` and ``model_best``
+(by the task's primary metric: mIoU, box mAP) with their metrics in ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from mimkit import __version__
+from mimkit.config import ConfigError, to_dict
+from mimkit.config.dense import DenseDataConfig, DetectConfig, SegmentConfig
+from mimkit.data.dense import CocoDetection, FashionMosaic, SegmentationFolder
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.distributed import is_main
+from mimkit.engine.trainer import Trainer, TrainResult
+from mimkit.tasks.downstream import LoadedEncoder, load_encoder
+
+__all__ = [
+    "DenseData",
+    "DenseResult",
+    "dense_data",
+    "dense_metadata",
+    "load_dense_encoder",
+    "run_dense",
+]
+
+
+@dataclasses.dataclass
+class DenseData:
+    train: Dataset  # (uint8 image (C, H, W), target dict) pairs
+    eval: Dataset
+    num_classes: int  # segmentation: label values 0..K-1; detection: K incl. background (0)
+    classes: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+    ignore_index: int
+
+
+def _first(ds: Dataset, n: int | None) -> Dataset:
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
+def dense_data(
+    d: DenseDataConfig,
+    *,
+    channels: int,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> DenseData:
+    """Training and evaluation sets of ``d``; normalization: data.mean/std, else ``mean``/``std``
+    (the pretraining's), else the dataset's."""
+    try:
+        if d.name == "fashion_mosaic":
+            common = {
+                "canvas": d.canvas,
+                "items": tuple(d.items),
+                "scale": tuple(d.item_scale),
+                "seed": d.mosaic_seed,
+            }
+            train = FashionMosaic(d.root, "train", size=d.train_size, **common)
+            evals = FashionMosaic(d.root, "test", size=d.eval_size, **common)
+        elif d.name == "ade20k":
+            common = {
+                "reduce_zero_label": d.reduce_zero_label,
+                "ignore_index": d.ignore_index,
+                "channels": channels,
+                "num_classes": d.num_classes,
+            }
+            train = SegmentationFolder(d.root, d.train_split, **common)
+            evals = SegmentationFolder(d.root, d.eval_split, **common)
+        else:  # coco
+            common = {"channels": channels, "masks": d.masks}
+            train = CocoDetection(d.root, d.ann_file, **common)
+            evals = CocoDetection(d.eval_root or d.root, d.eval_ann_file, **common)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data ({d.name}): {err}") from None
+    if d.name == "coco" and train.classes != evals.classes:
+        raise ConfigError(
+            f"data.ann_file and data.eval_ann_file have different categories: "
+            f"{list(train.classes)[:8]} vs {list(evals.classes)[:8]}"
+        )
+    mean = list(d.mean) if d.mean is not None else mean
+    std = list(d.std) if d.std is not None else std
+    return DenseData(
+        train=_first(train, d.max_samples),
+        eval=_first(evals, d.eval_max_samples),
+        num_classes=int(train.num_classes),
+        classes=tuple(train.classes),
+        mean=list(mean if mean is not None else train.mean),
+        std=list(std if std is not None else train.std),
+        ignore_index=d.ignore_index,
+    )
+
+
+def load_dense_encoder(cfg: SegmentConfig | DetectConfig) -> LoadedEncoder:
+    """``model.init`` at ``model.img_size`` (tables interpolated); the final norm is dropped: the
+    heads read block outputs (BEiT's segmentation backbone, ViTDet)."""
+    return load_encoder(cfg.model, drop_norm=True)
+
+
+def dense_metadata(
+    cfg: SegmentConfig | DetectConfig, loaded: LoadedEncoder, data: DenseData, *, kind: str
+) -> dict[str, Any]:
+    e = cfg.model
+    pre = loaded.weights.metadata if loaded.weights is not None else {}
+    return {
+        "format": "mimkit",
+        "mimkit_version": __version__,
+        "kind": kind,
+        "method": e.method,
+        "init": e.init or "none",
+        "pretrain_method": pre.get("method", "none"),
+        "num_classes": data.num_classes,
+        "classes": list(data.classes),
+        "img_size": e.img_size,
+        "patch_size": e.patch_size,
+        "in_chans": e.in_chans,
+        "mean": data.mean,
+        "std": data.std,
+        "head": to_dict(cfg.head),
+        "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
+    }
+
+
+@dataclasses.dataclass
+class DenseResult:
+    run_dir: Path
+    train: TrainResult
+    best: dict[str, Any]  # the best evaluation (step, epoch, metrics)
+    last: dict[str, Any]
+    best_path: Path | None
+    last_path: Path | None
+    notes: list[str]
+    history: list[dict[str, Any]]
+
+
+def run_dense(
+    cfg: SegmentConfig | DetectConfig,
+    *,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool,
+    task: Any,
+    train_view: Dataset,
+    collate_fn: Callable | None,
+    evaluate: Callable[[], dict[str, Any]],
+    primary: str,
+    save_figure: Callable[[Path], None],
+    notes: list[str],
+) -> DenseResult:
+    """Train ``task``, evaluating with ``evaluate()`` (a metrics dict holding ``primary``)."""
+    eval_path = run_dir / "eval.json"
+    state: dict[str, Any] = {"history": [], "best": None}
+    if resume and eval_path.is_file():
+        saved = json.loads(eval_path.read_text())
+        state["history"], state["best"] = saved.get("history", []), saved.get("best")
+    best_path, last_path = run_dir / "model_best.safetensors", run_dir / "model_last.safetensors"
+    trainer: Trainer | None = None
+
+    def on_eval(epoch: float, final: bool) -> None:
+        if not (final or epoch % cfg.eval.every_epochs == 0):
+            return
+        step = trainer.step if trainer is not None else 0
+        if state["history"] and state["history"][-1]["step"] == step:
+            return  # already evaluated at this step
+        rec = {"epoch": epoch, **evaluate()}
+        scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        trainer.logger.log(scalars, step=step, prefix="eval")  # jsonl + TensorBoard
+        state["history"].append({"step": step, **rec})
+        meta = {**task.metadata(), "step": step, "epoch": epoch, primary: rec[primary]}
+        weights = task.weights()
+        ckpt.save_weights(last_path, weights, meta)
+        if state["best"] is None or rec[primary] > state["best"][primary]:
+            state["best"] = {"step": step, **rec}
+            ckpt.save_weights(best_path, weights, meta)
+        eval_path.write_text(json.dumps(state, indent=2) + "\n")
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in scalars.items() if k != "epoch")
+        print(
+            f"eval epoch {epoch:g} (step {step}): {shown}; best {primary} "
+            f"{state['best'][primary]:.2f} (epoch {state['best']['epoch']:g})",
+            flush=True,
+        )
+
+    trainer = Trainer(
+        task,
+        train_view,
+        optim=cfg.optim,
+        train=cfg.train,
+        run_dir=run_dir,
+        device=device,
+        seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+        on_epoch_end=on_eval,
+        collate_fn=collate_fn,
+    )
+    if cfg.eval.every_steps and is_main():
+
+        def step_eval(step: int) -> None:
+            if step % cfg.eval.every_steps == 0 and step < trainer.total_steps:
+                on_eval(round(step / trainer.steps_per_epoch, 3), True)
+
+        task.step_callback = step_eval
+    if is_main():
+        for note in notes:
+            print(f"{task.name}: {note}", flush=True)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    if is_main():
+        if result.stopped_early:
+            on_eval(result.epoch, True)
+        save_figure(run_dir / "figures")
+        _curves(run_dir, task.name, primary)
+    hist = state["history"]
+    return DenseResult(
+        run_dir,
+        result,
+        state["best"] or {},
+        hist[-1] if hist else {},
+        best_path if best_path.exists() else None,
+        last_path if last_path.exists() else None,
+        notes,
+        hist,
+    )
+
+
+def _curves(run_dir: Path, name: str, primary: str) -> None:
+    """figures/<name>_curves.png: training loss and the primary metric against the step."""
+    from mimkit.viz import save_curves
+
+    train, evals = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            train.append((rec["step"], rec["loss"]))
+        elif rec.get("kind") == "eval" and primary in rec:
+            evals.append((rec["step"], rec[primary]))
+    if evals:
+        panels = {"training loss": {"train": train}, f"evaluation {primary}": {"eval": evals}}
+        save_curves(panels, run_dir / "figures" / f"{name}_curves.png", xlabel="optimizer step")
