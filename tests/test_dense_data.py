@@ -13,10 +13,12 @@ from mimkit.data.dense import (
     ADE20K_NUM_CLASSES,
     MOSAIC_CLASSES,
     CocoDetection,
-    DenseView,
-    DetectTransform,
     FashionMosaic,
     SegmentationFolder,
+)
+from mimkit.data.dense_transforms import (
+    DenseView,
+    DetectTransform,
     SegmentTransform,
     detection_collate,
     segmentation_collate,

@@ -12,15 +12,14 @@ from torch import nn
 from mimkit.config import ModelConfig
 from mimkit.engine.optim import layer_decay_param_groups
 from mimkit.models import build_encoder
-from mimkit.models.dense import (
+from mimkit.models.detection import SimpleFeaturePyramid, build_detector
+from mimkit.models.features import ViTFeatures
+from mimkit.models.segmentation import (
     FCNHead,
     SegmentationOutput,
     Segmenter,
     SetrPUPHead,
-    SimpleFeaturePyramid,
     UperNetHead,
-    ViTFeatures,
-    build_detector,
     default_out_indices,
     slide_inference,
     whole_inference,

@@ -9,6 +9,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config import DataConfig
 from mimkit.data.datasets import FashionMNIST, ImageFolder, SyntheticImages, read_idx
+from mimkit.data.dense import (
+    ADE20K_NUM_CLASSES,
+    MOSAIC_CLASSES,
+    CocoDetection,
+    FashionMosaic,
+    SegmentationFolder,
+)
+from mimkit.data.dense_transforms import (
+    DenseView,
+    DetectTransform,
+    SegmentTransform,
+    detection_collate,
+    segmentation_collate,
+)
 from mimkit.data.labels import class_balanced_subset, dataset_labels, labeled_subset
 from mimkit.data.transforms import (
     BEiTTransform,
@@ -20,24 +34,34 @@ from mimkit.data.transforms import (
 from mimkit.data.views import AugmentedView, ResumableSampler, sample_seed
 
 __all__ = [
+    "ADE20K_NUM_CLASSES",
+    "MOSAIC_CLASSES",
     "AugmentedView",
     "BEiTTransform",
+    "CocoDetection",
+    "DenseView",
+    "DetectTransform",
     "EvalTransform",
     "FashionMNIST",
+    "FashionMosaic",
     "FinetuneTransform",
     "ImageFolder",
     "PretrainTransform",
     "ResumableSampler",
+    "SegmentTransform",
+    "SegmentationFolder",
     "SyntheticImages",
     "WithMask",
     "build_dataset",
     "class_balanced_subset",
     "dataset_labels",
     "dataset_stats",
+    "detection_collate",
     "labeled_subset",
     "make_loader",
     "read_idx",
     "sample_seed",
+    "segmentation_collate",
 ]
 
 

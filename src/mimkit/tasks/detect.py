@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimkit.config.dense import DetectConfig
-from mimkit.data.dense import DenseView, DetectTransform, detection_collate
+from mimkit.data.dense_transforms import DenseView, DetectTransform, detection_collate
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput
-from mimkit.models.dense import Detector, build_detector
+from mimkit.models.detection import Detector, build_detector
 from mimkit.tasks.dense import (
     DenseResult,
     dense_data,

@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mimkit.config.dense import SegmentConfig
-from mimkit.data.dense import DenseView, SegmentTransform, segmentation_collate
+from mimkit.data.dense_transforms import DenseView, SegmentTransform, segmentation_collate
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput
-from mimkit.models.dense import Segmenter, slide_inference, whole_inference
+from mimkit.models.segmentation import Segmenter, slide_inference, whole_inference
 from mimkit.tasks.dense import (
     DenseResult,
     dense_data,
