@@ -235,11 +235,12 @@ def test_detection_map_on_a_hand_made_case():
         (SegmentConfig, SEG, "head.kind=fcn", "head.kind"),
         (SegmentConfig, SEG, "eval.mode=tiles", "eval.mode"),
         (SegmentConfig, SEG, "data.name=coco", "data.name"),
-        (SegmentConfig, SEG, "head.out_indices=[1,2]", "head.out_indices"),
+        (SegmentConfig, SEG, "head.out_indices=[1,2,3,9]", "head.out_indices"),
         (SegmentConfig, SEG, "optim.schedule=step", "optim.schedule"),
         (DetectConfig, DET, "head.scales=[3.0]", "head.scales"),
         (DetectConfig, DET, "head.anchor_sizes=[8,16]", "head.anchor_sizes"),
         (DetectConfig, DET, "data.name=ade20k", "data.name"),
+        (DetectConfig, DET, "head.rpn_pre_nms_top_n=[100]", "head.rpn_pre_nms_top_n"),
         (DetectConfig, DET, "data.items=[3,1]", "data.items"),
     ],
 )

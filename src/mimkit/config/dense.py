@@ -150,6 +150,10 @@ class DetectHeadConfig:
     out_indices: list[int] | None = None  # null: the last block only (ViTDet); one per scale
     anchor_sizes: list[float] | None = None  # one per level incl. 'pool'; null: 8 x stride
     representation_size: int = 1024  # the box head's MLP width
+    rpn_batch_size_per_image: int = 256  # anchors sampled per image for the RPN loss
+    box_batch_size_per_image: int = 512  # proposals sampled per image for the box head's loss
+    rpn_pre_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])  # train, test
+    rpn_post_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])  # train, test
     masks: bool | None = None  # Mask R-CNN; null: when the data has masks (mosaic, coco+masks)
     detections_per_img: int = 100
     score_threshold: float = 0.5  # boxes drawn in figures/detection.png
@@ -180,6 +184,12 @@ class DetectConfig:
         positive("head.out_channels", h.out_channels)
         positive("head.representation_size", h.representation_size)
         positive("head.detections_per_img", h.detections_per_img)
+        positive("head.rpn_batch_size_per_image", h.rpn_batch_size_per_image)
+        positive("head.box_batch_size_per_image", h.box_batch_size_per_image)
+        for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            v = getattr(h, key)
+            if len(v) != 2 or not all(isinstance(n, int) and n > 0 for n in v):
+                fail(f"head.{key}", v, "two positive counts [training, testing]")
         if not h.scales or not all(s in (4.0, 2.0, 1.0, 0.5) for s in h.scales):
             fail("head.scales", h.scales, "a list of scales from [4.0, 2.0, 1.0, 0.5]")
         if h.out_indices is not None and len(h.out_indices) != len(h.scales):

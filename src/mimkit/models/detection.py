@@ -165,6 +165,8 @@ def build_detector(
     box_detections_per_img: int = 100,
     rpn_batch_size_per_image: int = 256,
     box_batch_size_per_image: int = 512,
+    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000),
+    rpn_post_nms_top_n: tuple[int, int] = (2000, 1000),
 ) -> Detector:
     """ViTDet-style Faster R-CNN (or Mask R-CNN with ``masks``) on a ViT encoder.
 
@@ -174,7 +176,9 @@ def build_detector(
     Anchors: one size per level, 8 x its stride (ViTDet's 32..512 for patch 16), aspect ratios
     0.5, 1, 2. RoIAlign (7x7 boxes, 14x14 masks, sampling 2) over the non-pool levels; the box head
     is torchvision's TwoMLPHead, the mask head four conv3x3 of ``out_channels`` (256 by default,
-    torchvision's width).
+    torchvision's width). ``rpn_pre_nms_top_n`` / ``rpn_post_nms_top_n``: proposals kept per level
+    before NMS and in all after it, (training, testing): torchvision's defaults; small images with
+    few objects need far fewer (the CPU recipes).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
@@ -210,6 +214,10 @@ def build_detector(
         size_divisible=img_size,  # the canvas stays exactly img_size (the encoder's grid)
         rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels),
         rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n[0],
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n[1],
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n[0],
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n[1],
         box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(out_channels * 7 * 7, representation_size),
         box_predictor=FastRCNNPredictor(representation_size, num_classes),

@@ -91,6 +91,10 @@ def build_detector_from_config(
         anchor_sizes=tuple(h.anchor_sizes) if h.anchor_sizes is not None else None,
         representation_size=h.representation_size,
         box_detections_per_img=h.detections_per_img,
+        rpn_batch_size_per_image=h.rpn_batch_size_per_image,
+        box_batch_size_per_image=h.box_batch_size_per_image,
+        rpn_pre_nms_top_n=(h.rpn_pre_nms_top_n[0], h.rpn_pre_nms_top_n[1]),
+        rpn_post_nms_top_n=(h.rpn_post_nms_top_n[0], h.rpn_post_nms_top_n[1]),
     )
     return model, loaded
 
