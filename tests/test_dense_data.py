@@ -276,7 +276,7 @@ def coco_root(tmp_path):
 def test_coco_detection_boxes_labels_masks(coco_root):
     root, _ = coco_root
     ds = CocoDetection(root, root / "ann.json", masks=True)
-    assert len(ds) == 3 and ds.classes == ("dog", "cat") and ds.num_classes == 3
+    assert len(ds) == 3 and ds.classes == ("background", "dog", "cat") and ds.num_classes == 3
     assert ds.cat_ids == [-1, 3, 7]
     image, t = ds[0]  # COCO id 11, the images are sorted by id
     assert image.shape == (3, 30, 40) and image.dtype == torch.uint8 and t["image_id"] == 11
@@ -366,11 +366,11 @@ def test_segment_transform_pads_with_ignore_and_resizes_nearest():
     for flip in (0.0, 1.0):  # the padding stays at the bottom/right either way
         t = SegmentTransform(size=32, mean=MEAN, std=STD, train=True, scale=(0.5, 0.5), hflip=flip)
         x, out = t(image, target, gen(1))
-        # 0.5 * 32 / 12: the 8x12 image becomes 11x16
-        assert (out["semantic"][11:] == 255).all() and (out["semantic"][:, 16:] == 255).all()
-        assert (out["semantic"][:11, :16] != 255).any()
-        pad_value = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1)
-        assert torch.allclose(x[:, 11:].reshape(3, -1), pad_value.expand(3, 21 * 32))
+        # 0.5 * min(32 / 8, 4 * 32 / 12) = 2 (the short side becomes 0.5 * 32): 8x12 -> 16x24
+        assert (out["semantic"][16:] == 255).all() and (out["semantic"][:, 24:] == 255).all()
+        assert (out["semantic"][:16, :24] != 255).any()
+        # the normalized image is padded with 0 (the mean), as sliding-window inference pads
+        assert (x[:, 16:] == 0).all() and (x[:, :, 24:] == 0).all()
     # an exact 2x upscale: nearest repeats every label twice along both axes
     image, target = seg_sample(8, 8)
     sem = target["semantic"]

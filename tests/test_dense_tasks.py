@@ -142,7 +142,8 @@ def test_segment_resume_is_exact(tmp_path, fmnist, pretrained):
         return load_config(SEG, [*args, "run.deterministic=true"], schema=SegmentConfig)
 
     full = run_segment(cfg(tmp_path / "full"))
-    run_segment(cfg(tmp_path / "cut", **{"train.max_steps": 3}))
+    # cut at an epoch's end: its checkpoint is written before that epoch's evaluation
+    run_segment(cfg(tmp_path / "cut", **{"train.max_steps": 4}))
     resumed = run_segment(cfg(tmp_path / "cut"), resume=True)
     a, _ = ckpt.load_weights(full.last_path)
     b, _ = ckpt.load_weights(resumed.last_path)
@@ -241,6 +242,9 @@ def test_detection_map_on_a_hand_made_case():
         (DetectConfig, DET, "head.anchor_sizes=[8,16]", "head.anchor_sizes"),
         (DetectConfig, DET, "data.name=ade20k", "data.name"),
         (DetectConfig, DET, "head.rpn_pre_nms_top_n=[100]", "head.rpn_pre_nms_top_n"),
+        (DetectConfig, DET, "head.scales=[4.0,1.0]", "head.scales"),
+        (DetectConfig, DET, "head.out_indices=[0,9,1]", "head.out_indices"),
+        (SegmentConfig, SEG, "data.ignore_index=3", "data.ignore_index"),
         (DetectConfig, DET, "data.items=[3,1]", "data.items"),
     ],
 )
@@ -354,7 +358,7 @@ def test_segment_and_detect_on_user_folders_from_the_cli(tmp_path, pretrained, c
     ]
     assert main(det) == 0
     _, meta = ckpt.load_weights(tmp_path / "det" / "model_last.safetensors")
-    assert meta["classes"] == ["box", "crate"] and meta["num_classes"] == 3
+    assert meta["classes"] == ["background", "box", "crate"] and meta["num_classes"] == 3
     assert (tmp_path / "det" / "figures" / "detection.png").is_file()
     assert main(["segment", "-c", str(SEG), "data.name=nope", *common]) == 2
     assert "data.name" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import fail, positive
+from mimkit.config.core import fail, positive, world_size
 from mimkit.config.downstream import (
     EncoderConfig,
     FinetuneOptimConfig,
@@ -134,6 +134,8 @@ class SegmentConfig:
             depth = self.model.depth
             if h.kind == "upernet" and len(h.out_indices) != 4:
                 fail("head.out_indices", h.out_indices, "four block indices for upernet")
+            if h.kind == "setr_pup" and len(h.out_indices) != 1:
+                fail("head.out_indices", h.out_indices, "one block index for setr_pup")
             if not all(-depth <= i < depth for i in h.out_indices):
                 fail("head.out_indices", h.out_indices, f"block indices in [-{depth}, {depth})")
         e = self.eval
@@ -192,8 +194,22 @@ class DetectConfig:
                 fail(f"head.{key}", v, "two positive counts [training, testing]")
         if not h.scales or not all(s in (4.0, 2.0, 1.0, 0.5) for s in h.scales):
             fail("head.scales", h.scales, "a list of scales from [4.0, 2.0, 1.0, 0.5]")
-        if h.out_indices is not None and len(h.out_indices) != len(h.scales):
-            fail("head.out_indices", h.out_indices, f"one block index per scale ({len(h.scales)})")
+        if any(a != 2 * b for a, b in zip(h.scales[:-1], h.scales[1:], strict=True)):
+            fail("head.scales", h.scales, "decreasing by halves, e.g. [4.0, 2.0, 1.0, 0.5]")
+        p = self.model.patch_size
+        if p & (p - 1) or p < max(h.scales):
+            fail(
+                "model.patch_size",
+                p,
+                f"a power of two >= {max(h.scales):g} (the pyramid's strides are patch / scale)",
+            )
+        if h.out_indices is not None:
+            depth = self.model.depth
+            if len(h.out_indices) != len(h.scales):
+                n = len(h.scales)
+                fail("head.out_indices", h.out_indices, f"one block index per scale ({n})")
+            if not all(-depth <= i < depth for i in h.out_indices):
+                fail("head.out_indices", h.out_indices, f"block indices in [-{depth}, {depth})")
         if h.anchor_sizes is not None:
             if len(h.anchor_sizes) != len(h.scales) + 1:
                 fail(
@@ -213,7 +229,7 @@ def _resolve(cfg: SegmentConfig | DetectConfig) -> None:
     resolve_encoder(cfg.model)
     o = cfg.optim
     if o.lr is None and o.base_lr > 0 and cfg.train.batch_size > 0:
-        o.lr = o.base_lr * cfg.train.batch_size * max(o.accum_steps, 1) / 256
+        o.lr = o.base_lr * cfg.train.batch_size * max(o.accum_steps, 1) * world_size() / 256
 
 
 def _validate(cfg: SegmentConfig | DetectConfig, command: str, names: tuple[str, ...]) -> None:
@@ -244,6 +260,8 @@ def _validate(cfg: SegmentConfig | DetectConfig, command: str, names: tuple[str,
         if v is not None and len(v) != cfg.model.in_chans:
             fail(f"data.{key}", v, f"one value per channel (model.in_chans={cfg.model.in_chans})")
     if d.name == "fashion_mosaic":
+        if d.ignore_index < 11:
+            fail("data.ignore_index", d.ignore_index, "not a mosaic class (0..10): use 255")
         if cfg.model.in_chans != 1:
             fail("model.in_chans", cfg.model.in_chans, "1 for fashion_mosaic (grayscale)")
         if len(d.items) != 2 or not 1 <= d.items[0] <= d.items[1]:

@@ -294,6 +294,13 @@ class SegmentationFolder(Dataset):
         if self.reduce_zero_label:
             semantic[raw == 0] = self.ignore_index
         semantic[raw == 255] = self.ignore_index
+        bad = (semantic >= self.num_classes) & (semantic != self.ignore_index)
+        if bad.any():
+            raise ValueError(
+                f"{ann_path}: label values {sorted(set(semantic[bad].tolist()))[:8]} are outside "
+                f"the {self.num_classes} classes (reduce_zero_label={self.reduce_zero_label}; "
+                "set data.num_classes or fix the annotation)"
+            )
         return image, {"semantic": semantic, "image_id": i}
 
 
@@ -305,7 +312,8 @@ class CocoDetection(Dataset):
     """COCO instance annotations: ``image_root/<file_name>`` + a json with images/annotations.
 
     Category ids become contiguous labels 1..K in ascending id order (0 is background,
-    torchvision's convention); ``cat_ids[label]`` is the original id (``cat_ids[0] == -1``).
+    torchvision's convention); ``classes[label]`` is its name (``classes[0] == "background"``) and
+    ``cat_ids[label]`` the original id (``cat_ids[0] == -1``).
     Boxes ``[x, y, w, h]`` become xyxy clipped to the image; boxes 1 px wide/high or less after
     clipping are dropped (a simple rule: they carry no learnable extent), and crowd annotations
     too when ``skip_crowd``. Images without annotations are kept (boxes (0, 4)). With
@@ -340,7 +348,8 @@ class CocoDetection(Dataset):
         try:
             cats = sorted(data["categories"], key=lambda c: int(c["id"]))
             self.cat_ids: list[int] = [-1, *(int(c["id"]) for c in cats)]
-            self.classes = tuple(str(c.get("name", c["id"])) for c in cats)
+            # label 0 is the background, as in torchvision's detectors: names index by label
+            self.classes = ("background", *(str(c.get("name", c["id"])) for c in cats))
             label_of = {cid: k for k, cid in enumerate(self.cat_ids) if k > 0}
             images = sorted(data["images"], key=lambda im: int(im["id"]))
             per_image: dict[int, list[dict]] = {}

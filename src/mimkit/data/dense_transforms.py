@@ -72,15 +72,18 @@ def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor
 
 
 class SegmentTransform:
-    """Segmentation augmentation (mmsegmentation's ADE20K pipeline, BEiT Table 7).
+    """Segmentation augmentation (the geometric part of mmsegmentation's ADE20K pipeline; its
+    photometric distortion and ``cat_max_ratio`` crop retries are not implemented).
 
-    Train: rescale by ``r ~ U(scale)`` relative to fitting the image in ``size x size`` (keeping
-    its aspect), a random ``size x size`` crop (padding image with 0 and label with
-    ``ignore_index`` at the bottom/right when smaller), a horizontal flip; image bilinear
-    (antialiased), label nearest. Eval: no randomness; the image optionally resized so its short
-    side is ``eval_short_side``, the label left at its original resolution (metrics are computed
-    there; inference upsamples logits to it). Output: normalized float32 image, ``target`` with
-    ``semantic`` (int64) and ``image_id`` only (other keys would not match the new geometry).
+    Train: rescale by ``r ~ U(scale)`` keeping the aspect, so the image fits ``4 size x size``
+    times r (mmsegmentation's ``RandomResize(scale=(2048, 512))`` for size 512: the short side
+    becomes ``size * r``), a random ``size x size`` crop (padding the normalized image with 0
+    and the label with ``ignore_index`` at the bottom/right when smaller), a horizontal flip;
+    image bilinear (antialiased), label nearest. Eval: no randomness; the image optionally
+    resized so its short side is ``eval_short_side``, the label left at its original resolution
+    (metrics are computed there; inference upsamples logits to it). Output: normalized float32
+    image, ``target`` with ``semantic`` (int64) and ``image_id`` only (other keys would not match
+    the new geometry).
     """
 
     def __init__(
@@ -115,7 +118,9 @@ class SegmentTransform:
             if generator is None:
                 raise ValueError("SegmentTransform(train=True) needs a generator")
             s = self.size
-            factor = _uniform(*self.scale, generator) * s / max(h, w)
+            # mmsegmentation's RandomResize(scale=(4S, S), ratio_range, keep_ratio): the image
+            # fits 4S x S times r, i.e. the short side is S * r unless the image is very long
+            factor = _uniform(*self.scale, generator) * min(s / min(h, w), 4 * s / max(h, w))
             new = (max(1, round(h * factor)), max(1, round(w * factor)))
             x = _resize_bilinear(x, new)
             label = _resize_nearest(label[None], new)[0]
@@ -124,10 +129,13 @@ class SegmentTransform:
             x, label = x[:, top : top + s, left : left + s], label[top : top + s, left : left + s]
             if torch.rand(1, generator=generator).item() < self.hflip:
                 x, label = x.flip(-1), label.flip(-1)
+            # padded after normalization, with 0 (the mean), as sliding-window inference pads
             pad = (0, s - x.shape[-1], 0, s - x.shape[-2])  # (left, right, top, bottom)
-            x = F.pad(x, pad, value=0.0)  # (C, S, S)
+            x = F.pad(_normalize(x, self.mean, self.std), pad, value=0.0)  # (C, S, S)
             label = F.pad(label, pad, value=self.ignore_index)  # (S, S)
-        elif self.eval_short_side is not None:
+            out = {"semantic": label.contiguous(), "image_id": target.get("image_id")}
+            return x.contiguous(), out
+        if self.eval_short_side is not None:
             factor = self.eval_short_side / min(h, w)
             x = _resize_bilinear(x, (max(1, round(h * factor)), max(1, round(w * factor))))
         out = {"semantic": label.contiguous(), "image_id": target.get("image_id")}

@@ -86,7 +86,7 @@ def dense_data(
             evals = CocoDetection(d.eval_root or d.root, d.eval_ann_file, **common)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data ({d.name}): {err}") from None
-    if d.name == "coco" and train.classes != evals.classes:
+    if d.name == "coco" and (train.classes, train.cat_ids) != (evals.classes, evals.cat_ids):
         raise ConfigError(
             f"data.ann_file and data.eval_ann_file have different categories: "
             f"{list(train.classes)[:8]} vs {list(evals.classes)[:8]}"
@@ -175,21 +175,25 @@ def run_dense(
         step = trainer.step if trainer is not None else 0
         if state["history"] and state["history"][-1]["step"] == step:
             return  # already evaluated at this step
-        rec = {"epoch": epoch, **evaluate()}
+        # evaluation must not consume the training RNG (exact resume: the checkpoint holds the
+        # RNG state from before an end-of-epoch evaluation)
+        with torch.random.fork_rng(devices=[]):
+            rec = {"epoch": epoch, **evaluate()}
         scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
         trainer.logger.log(scalars, step=step, prefix="eval")  # jsonl + TensorBoard
         state["history"].append({"step": step, **rec})
         meta = {**task.metadata(), "step": step, "epoch": epoch, primary: rec[primary]}
         weights = task.weights()
         ckpt.save_weights(last_path, weights, meta)
-        if state["best"] is None or rec[primary] > state["best"][primary]:
+        score = rec[primary] if rec[primary] is not None else float("-inf")  # e.g. no boxes
+        if state["best"] is None or score > (state["best"][primary] or float("-inf")):
             state["best"] = {"step": step, **rec}
             ckpt.save_weights(best_path, weights, meta)
         eval_path.write_text(json.dumps(state, indent=2) + "\n")
         shown = ", ".join(f"{k} {v:.2f}" for k, v in scalars.items() if k != "epoch")
         print(
             f"eval epoch {epoch:g} (step {step}): {shown}; best {primary} "
-            f"{state['best'][primary]:.2f} (epoch {state['best']['epoch']:g})",
+            f"{_fmt(state['best'][primary])} (epoch {state['best']['epoch']:g})",
             flush=True,
         )
 
@@ -217,6 +221,10 @@ def run_dense(
             print(f"{task.name}: {note}", flush=True)
     if resume:
         trainer.resume()
+        # evaluations after the checkpoint are redone: keep the history up to it
+        state["history"] = [h for h in state["history"] if h["step"] <= trainer.step]
+        scored = [h for h in state["history"] if h.get(primary) is not None]
+        state["best"] = max(scored, key=lambda h: h[primary]) if scored else None
     result = trainer.fit()
     if is_main():
         if result.stopped_early:
@@ -234,6 +242,10 @@ def run_dense(
         notes,
         hist,
     )
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def _curves(run_dir: Path, name: str, primary: str) -> None:

@@ -52,7 +52,11 @@ class SegmentTask:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index)
+        # mean over labeled pixels; a crop with none (all ignore_index) gives 0, not NaN
+        total = F.cross_entropy(
+            logits.float(), labels, ignore_index=self.ignore_index, reduction="sum"
+        )
+        return total / (labels != self.ignore_index).sum().clamp(min=1)
 
     def step(self, batch: Any) -> StepOutput:
         imgs, labels = batch  # (B, C, H, W), (B, H, W)
