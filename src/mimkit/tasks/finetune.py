@@ -248,10 +248,13 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         step = trainer.step if trainer is not None else 0
         if state["history"] and state["history"][-1]["step"] == step:
             return  # already evaluated at this step
-        rec = {"epoch": epoch, **evaluate_classifier(model, eval_loader, device=device)}
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG as checkpointed
+            rec = {"epoch": epoch, **evaluate_classifier(model, eval_loader, device=device)}
+            ema = None
+            if task.ema is not None:
+                ema = evaluate_classifier(task.ema.module, eval_loader, device=device)
         candidates = [("model", rec["top1"], model)]
-        if task.ema is not None:
-            ema = evaluate_classifier(task.ema.module, eval_loader, device=device)
+        if ema is not None:
             rec |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
             candidates.append(("ema", ema["top1"], task.ema.module))
         which, top1, best_model = max(candidates, key=lambda c: c[1])
