@@ -225,6 +225,22 @@ def test_detection_map_on_a_hand_made_case():
     )
     assert m["box_map"] == pytest.approx(50.0)
     assert m["box_ap_per_class"] == {"a": 100.0, "b": 0.0}
+    # COCO: a detection on a crowd region is not a false positive
+    crowd = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]),
+        "labels": torch.tensor([1, 1]),
+        "iscrowd": torch.tensor([0, 1]),
+        "area": torch.tensor([100.0, 100.0]),
+    }
+    both = {"boxes": crowd["boxes"], "labels": crowd["labels"], "scores": torch.tensor([0.5, 0.9])}
+    loader = [([torch.zeros(1, 32, 32)], [crowd])]
+    m = evaluate_detector(Fixed([both]), loader, device=torch.device("cpu"))
+    assert m["box_map"] == pytest.approx(100.0)
+    # without the crowd region, the higher-scored box is a false positive ranked first
+    alone = {"boxes": crowd["boxes"][:1], "labels": crowd["labels"][:1]}
+    loader = [([torch.zeros(1, 32, 32)], [alone])]
+    m = evaluate_detector(Fixed([both]), loader, device=torch.device("cpu"))
+    assert m["box_map"] == pytest.approx(50.0, abs=1.0)
 
 
 # ---- configs, CLI, the user's own data ----

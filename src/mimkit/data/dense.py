@@ -316,7 +316,9 @@ class CocoDetection(Dataset):
     ``cat_ids[label]`` the original id (``cat_ids[0] == -1``).
     Boxes ``[x, y, w, h]`` become xyxy clipped to the image; boxes 1 px wide/high or less after
     clipping are dropped (a simple rule: they carry no learnable extent), and crowd annotations
-    too when ``skip_crowd``. Images without annotations are kept (boxes (0, 4)). With
+    too when ``skip_crowd`` (training; evaluation keeps them: COCO's evaluation ignores detections
+    on crowd regions). Targets carry ``iscrowd`` and the annotation's ``area`` (original pixels,
+    COCO's size buckets). Images without annotations are kept (boxes (0, 4)). With
     ``masks=True`` segmentations (polygons, uncompressed or compressed RLE) are decoded with
     pycocotools into ``masks`` (K, H, W) uint8.
     """
@@ -397,7 +399,7 @@ class CocoDetection(Dataset):
                 f"{path}: image is {h}x{w} but {self.ann_file} says "
                 f"{info.get('height')}x{info.get('width')}"
             )
-        boxes, labels, masks = [], [], []
+        boxes, labels, masks, crowd, areas = [], [], [], [], []
         for a in anns:
             x, y, bw, bh = (float(v) for v in a["bbox"])
             x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
@@ -405,12 +407,16 @@ class CocoDetection(Dataset):
                 continue
             boxes.append([x1, y1, x2, y2])
             labels.append(self.label_of[int(a["category_id"])])
+            crowd.append(int(bool(a.get("iscrowd", 0))))
+            areas.append(float(a.get("area", bw * bh)))  # COCO's size buckets use this area
             if self.masks:
                 where = f"{self.ann_file}: annotation {a.get('id', '?')}"
                 masks.append(_decode_segmentation(a.get("segmentation"), h, w, where))
         target: dict[str, Any] = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),  # (K, 4) xyxy
             "labels": torch.tensor(labels, dtype=torch.int64),  # (K,)
+            "iscrowd": torch.tensor(crowd, dtype=torch.int64),  # (K,) 1: a crowd region
+            "area": torch.tensor(areas, dtype=torch.float32),  # (K,) in original pixels
         }
         if self.masks:
             target["masks"] = (  # (K, H, W) uint8

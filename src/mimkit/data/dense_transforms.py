@@ -151,7 +151,8 @@ class DetectTransform:
     bottom/right with 0 to ``size x size``. Output: float32 image in [0, 1], NOT normalized
     (torchvision's detectors normalize); target ``boxes``, ``labels``, ``masks`` (if given,
     nearest-resized and padded), ``image_id`` and ``scale`` (the resize factor: original
-    coordinates = boxes / scale, before any crop). Other keys are dropped.
+    coordinates = boxes / scale, before any crop). ``iscrowd`` and ``area`` are kept per object;
+    other keys are dropped.
     """
 
     def __init__(
@@ -179,6 +180,8 @@ class DetectTransform:
         boxes = target["boxes"].to(torch.float32).reshape(-1, 4)  # (K, 4) xyxy
         labels = target["labels"].to(torch.int64)  # (K,)
         masks = target.get("masks")  # (K, H, W) uint8 or None
+        # per-object values that do not change with the geometry (COCO's crowd flag and area)
+        extra = {k: target[k] for k in ("iscrowd", "area") if k in target}
         r = _uniform(*self.scale, generator) if self.train else 1.0
         factor = r * s / max(h, w)
         nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
@@ -197,6 +200,7 @@ class DetectTransform:
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ch)
                 keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
                 boxes, labels = boxes[keep], labels[keep]
+                extra = {k: v[keep] for k, v in extra.items()}
                 if masks is not None:
                     masks = masks[keep][:, top : top + s, left : left + s]
             if torch.rand(1, generator=generator).item() < self.hflip:
@@ -208,7 +212,7 @@ class DetectTransform:
                 if masks is not None:
                     masks = masks.flip(-1)
         pad = (0, s - x.shape[-1], 0, s - x.shape[-2])  # (left, right, top, bottom)
-        out: dict[str, Any] = {"boxes": boxes.contiguous(), "labels": labels}
+        out: dict[str, Any] = {"boxes": boxes.contiguous(), "labels": labels, **extra}
         if masks is not None:
             out["masks"] = F.pad(masks, pad, value=0).contiguous()  # (K, S, S)
         out["image_id"] = target.get("image_id")

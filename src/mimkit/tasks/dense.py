@@ -83,7 +83,10 @@ def dense_data(
         else:  # coco
             common = {"channels": channels, "masks": d.masks}
             train = CocoDetection(d.root, d.ann_file, **common)
-            evals = CocoDetection(d.eval_root or d.root, d.eval_ann_file, **common)
+            # COCO's evaluation keeps crowd regions (detections on them are not counted)
+            evals = CocoDetection(
+                d.eval_root or d.root, d.eval_ann_file, skip_crowd=False, **common
+            )
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data ({d.name}): {err}") from None
     if d.name == "coco" and (train.classes, train.cat_ids) != (evals.classes, evals.cat_ids):

@@ -108,8 +108,11 @@ def evaluate_detector(
     masks: bool = False,
     classes: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """COCO-style box (and mask) mAP, percent, from torchmetrics' ``MeanAveragePrecision``:
-    ``map`` (AP at IoU 0.50:0.95), ``map_50``, ``map_75``, by object size, and per class."""
+    """COCO-style box (and mask) mAP, percent, from torchmetrics' ``MeanAveragePrecision``
+    (pycocotools' evaluation): ``box_map`` (AP at IoU 0.50:0.95), ``box_map_50``, ``box_map_75``,
+    by object size, and per class. Boxes are mapped back to the original image's pixels (targets'
+    ``scale``); crowd regions (``iscrowd``) are ignored and the size buckets use the annotated
+    ``area`` when the targets carry them (COCO); masks are compared at the input resolution."""
     from torchmetrics.detection import MeanAveragePrecision
 
     iou_type = ("bbox", "segm") if masks else "bbox"
@@ -122,6 +125,10 @@ def evaluate_detector(
         for out, t in zip(outs, targets, strict=True):
             p = {k: out[k].cpu() for k in ("boxes", "scores", "labels")}
             g = {"boxes": t["boxes"], "labels": t["labels"]}
+            if "iscrowd" in t:  # COCO: crowd regions ignored, size buckets by annotated area
+                g |= {"iscrowd": t["iscrowd"], "area": t["area"]}
+            if t.get("scale", 1.0) != 1.0:  # boxes back in the original image's pixels
+                p["boxes"], g["boxes"] = p["boxes"] / t["scale"], g["boxes"] / t["scale"]
             if masks:
                 p["masks"] = out["masks"][:, 0].cpu() > 0.5  # (N, 1, H, W) probabilities
                 g["masks"] = t["masks"].bool()
