@@ -1,0 +1,180 @@
+"""Dense tasks on the Fashion-MNIST mosaic: does MAE / BEiT pretraining pay for segmentation and
+detection?
+
+For each seed (default 0, 1, 2) it trains the segmentation recipe
+(``configs/segment/fmnist_mosaic_vit_tiny.yaml``, SETR-PUP) and the detection recipe
+(``configs/detect/fmnist_mosaic_vit_tiny.yaml``, ViTDet pyramid + Mask R-CNN) on three backbones
+with the same budget in optimizer steps: the ViT from scratch, MAE-pretrained and BEiT-pretrained.
+The metric is the last evaluation's (the whole mosaic test set of ``data.eval_size`` canvases):
+mIoU and pixel accuracy, box and mask mAP. Writes ``results.json`` and ``table.md`` to ``--out``.
+Finished runs are not repeated, so an interrupted benchmark continues where it stopped::
+
+    python benchmarks/dense_mosaic.py --mae runs/mae_vit_tiny_fmnist_long \\
+        --beit runs/beit_vit_tiny_fmnist_long --jobs 2 --threads 1 --out runs/dense_mosaic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "segment": ROOT / "configs" / "segment" / "fmnist_mosaic_vit_tiny.yaml",
+    "detect": ROOT / "configs" / "detect" / "fmnist_mosaic_vit_tiny.yaml",
+}
+METRICS = {"segment": ("mIoU", "pixel_acc"), "detect": ("box_map", "mask_map", "box_map_50")}
+# the encoder of the Fashion-MNIST pretraining recipes, for the from-scratch baseline
+SCRATCH = [
+    "model.init=null",
+    "model.method=mae",
+    "model.arch=vit_tiny",
+    "model.patch_size=4",
+    "model.in_chans=1",
+    "model.depth=6",
+    "optim.layer_decay=1.0",
+]
+
+
+def _run(task: str, method: str, init: str | None, seed: int, out: Path, args) -> dict:
+    run = out / task / f"{method}_s{seed}"
+    done = run / "eval.json"
+    if done.is_file() and (run / "figures" / f"{task}_curves.png").is_file():
+        return _record(task, method, seed, run)
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)  # an interrupted run starts again
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimkit.cli",
+        task,
+        "-c",
+        str(RECIPES[task]),
+        f"run.dir={run}",
+        f"run.seed={seed}",
+        "data.num_workers=0",
+        f"train.steps={args.steps[task]}",
+        f"eval.every_steps={args.eval_every}",
+        "eval.every_epochs=1000",
+        *(SCRATCH if init is None else [f"model.init={init}"]),
+        *args.extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with (run.parent / f"{run.name}.log").open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{task} {method} seed {seed} failed: see {run.parent / run.name}.log")
+    rec = _record(task, method, seed, run)
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    (run / "benchmark.json").write_text(json.dumps(rec) + "\n")
+    shown = ", ".join(f"{k} {rec[k]:.2f}" for k in METRICS[task] if rec.get(k) is not None)
+    print(f"  {task:7s} {method:8s} seed {seed}: {shown} ({rec['seconds']:.0f} s)", flush=True)
+    return rec
+
+
+def _record(task: str, method: str, seed: int, run: Path) -> dict:
+    saved = json.loads((run / "eval.json").read_text())
+    last = saved["history"][-1]
+    rec = {"task": task, "method": method, "seed": seed, "step": last["step"]}
+    rec |= {k: last.get(k) for k in METRICS[task]}
+    rec["curve"] = [(h["step"], h.get(METRICS[task][0])) for h in saved["history"]]
+    extra = run / "benchmark.json"
+    if extra.is_file():
+        rec["seconds"] = json.loads(extra.read_text()).get("seconds")
+    return rec
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
+
+
+def _table(results: list[dict], args) -> str:
+    names = {"scratch": "from scratch", "mae": "MAE-pretrained", "beit": "BEiT-pretrained"}
+    lines = [
+        "Fashion-MNIST mosaic (56×56 canvases, 1–3 items; "
+        f"{args.eval_size} test canvases), mean ± std over seeds; the last evaluation of runs of "
+        f"{args.steps['segment']} (segmentation, batch 16) and {args.steps['detect']} (detection,"
+        " batch 8) optimizer steps.",
+        "",
+        "| backbone | seg. mIoU (%) | seg. pixel acc. (%) | box mAP (%) | mask mAP (%) |"
+        " box AP50 (%) | minutes per run (seg. / det.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in ("scratch", "mae", "beit"):
+        seg = [r for r in results if r["method"] == m and r["task"] == "segment"]
+        det = [r for r in results if r["method"] == m and r["task"] == "detect"]
+        if not seg and not det:
+            continue
+
+        def minutes(rs):
+            secs = [r["seconds"] for r in rs if r.get("seconds")]
+            return f"{statistics.mean(secs) / 60:.1f}" if secs else "—"
+
+        lines.append(
+            f"| {names[m]} | {_cell([r['mIoU'] for r in seg])} | "
+            f"{_cell([r['pixel_acc'] for r in seg])} | {_cell([r['box_map'] for r in det])} | "
+            f"{_cell([r.get('mask_map') for r in det])} | "
+            f"{_cell([r['box_map_50'] for r in det])} | {minutes(seg)} / {minutes(det)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mae", help="an MAE pretraining run (1 channel, 4 px patches)")
+    ap.add_argument("--beit", help="a BEiT pretraining run")
+    ap.add_argument("--tasks", nargs="+", default=["segment", "detect"])
+    ap.add_argument("--methods", nargs="+", default=["scratch", "mae", "beit"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seg-steps", type=int, default=500)
+    ap.add_argument("--det-steps", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-size", type=int, default=500, help="mosaic test canvases")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
+    ap.add_argument("--out", type=Path, default=Path("runs/dense_mosaic"))
+    args = ap.parse_args()
+    args.steps = {"segment": args.seg_steps, "detect": args.det_steps}
+    args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
+    args.extra = [f"data.eval_size={args.eval_size}", *args.extra]
+    inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
+    for m in args.methods:
+        if m != "scratch" and not inits[m]:
+            ap.error(f"--{m} is needed for method {m}")
+    jobs = [(t, m, s) for s in args.seeds for t in args.tasks for m in args.methods]
+    print(f"{len(jobs)} runs, {args.jobs} at once x {args.threads} threads", flush=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futs = [pool.submit(_run, t, m, inits[m], s, args.out, args) for t, m, s in jobs]
+        results = [f.result() for f in futs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = _table(results, args)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.jobs} runs at once"
+    meta = {"machine": machine, "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    (args.out / "results.json").write_text(
+        json.dumps({"meta": meta, "args": sys.argv[1:], "runs": results}, indent=1) + "\n"
+    )
+    (args.out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
