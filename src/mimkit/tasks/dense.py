@@ -30,6 +30,7 @@ from mimkit.tasks.downstream import LoadedEncoder, load_encoder
 __all__ = [
     "DenseData",
     "DenseResult",
+    "DenseTask",
     "dense_data",
     "dense_metadata",
     "load_dense_encoder",
@@ -46,6 +47,30 @@ class DenseData:
     mean: list[float]
     std: list[float]
     ignore_index: int
+
+
+class DenseTask:
+    """What the segment and detect tasks share for the trainer: the model's own state dict as the
+    checkpoint, provenance metadata, and a per-step callback (periodic evaluation). Subclasses
+    give ``name`` and ``step``."""
+
+    def __init__(self, model: torch.nn.Module, *, metadata: dict[str, Any]) -> None:
+        self.model, self._meta = model, metadata
+        self.device = next(model.parameters()).device
+        self.step_callback: Callable[[int], None] | None = None
+
+    def after_step(self, step: int) -> None:
+        if self.step_callback is not None:
+            self.step_callback(step)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def metadata(self) -> dict[str, Any]:
+        return self._meta
 
 
 def _first(ds: Dataset, n: int | None) -> Dataset:

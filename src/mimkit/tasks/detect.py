@@ -24,6 +24,7 @@ from mimkit.engine.trainer import StepOutput
 from mimkit.models.detection import Detector, build_detector
 from mimkit.tasks.dense import (
     DenseResult,
+    DenseTask,
     dense_data,
     dense_metadata,
     load_dense_encoder,
@@ -41,15 +42,14 @@ def _to(targets: list[dict], device: torch.device, *, masks: bool) -> list[dict]
     return [{k: t[k].to(device) for k in keys if k in t} for t in targets]
 
 
-class DetectTask:
+class DetectTask(DenseTask):
     """The trainer's task: (images, targets) -> the sum of the R-CNN losses."""
 
     name = "detect"
 
     def __init__(self, model: Detector, *, masks: bool, metadata: dict[str, Any]) -> None:
-        self.model, self.masks, self._meta = model, masks, metadata
-        self.device = next(model.parameters()).device
-        self.step_callback = None
+        super().__init__(model, metadata=metadata)
+        self.masks = masks
 
     def step(self, batch: Any) -> StepOutput:
         images, targets = batch  # list of (C, S, S) in [0, 1], list of target dicts
@@ -57,19 +57,6 @@ class DetectTask:
         losses = self.model(images, _to(targets, self.device, masks=self.masks))
         loss = sum(losses.values())
         return StepOutput(loss, {k: v.detach() for k, v in losses.items()})
-
-    def after_step(self, step: int) -> None:
-        if self.step_callback is not None:
-            self.step_callback(step)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
-
-    def metadata(self) -> dict[str, Any]:
-        return self._meta
 
 
 def build_detector_from_config(

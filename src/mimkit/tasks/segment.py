@@ -26,6 +26,7 @@ from mimkit.engine.trainer import StepOutput
 from mimkit.models.segmentation import Segmenter, slide_inference, whole_inference
 from mimkit.tasks.dense import (
     DenseResult,
+    DenseTask,
     dense_data,
     dense_metadata,
     load_dense_encoder,
@@ -36,7 +37,7 @@ from mimkit.tasks.downstream import pretraining_normalization
 __all__ = ["SegmentTask", "build_segmenter", "evaluate_segmenter", "run_segment"]
 
 
-class SegmentTask:
+class SegmentTask(DenseTask):
     """The trainer's task: (images, label maps) -> cross-entropy (+ auxiliary head)."""
 
     name = "segment"
@@ -44,10 +45,8 @@ class SegmentTask:
     def __init__(
         self, model: Segmenter, *, ignore_index: int, aux_weight: float, metadata: dict[str, Any]
     ) -> None:
-        self.model, self.ignore_index, self.aux_weight = model, ignore_index, aux_weight
-        self._meta = metadata
-        self.device = next(model.parameters()).device
-        self.step_callback = None  # called after every optimizer step (periodic evaluation)
+        super().__init__(model, metadata=metadata)
+        self.ignore_index, self.aux_weight = ignore_index, aux_weight
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != labels.shape[-2:]:
@@ -69,19 +68,6 @@ class SegmentTask:
             loss = main + self.aux_weight * aux
             logs = {"loss_main": main.detach(), "loss_aux": aux.detach()}
         return StepOutput(loss, logs)
-
-    def after_step(self, step: int) -> None:
-        if self.step_callback is not None:
-            self.step_callback(step)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
-
-    def metadata(self) -> dict[str, Any]:
-        return self._meta
 
 
 def build_segmenter(cfg: SegmentConfig, *, num_classes: int):
