@@ -53,6 +53,13 @@ def _covers_each_once(model: nn.Module) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert set(seen) == {id(p) for p in trainable}
     assert all(c == 1 for c in seen.values())
+    # head_lr_mult multiplies exactly the non-encoder (neck and head) parameters' scales
+    plain = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    mult = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.65, head_lr_mult=10)
+    for g in mult:
+        for n in g["names"]:
+            head = "encoder." not in n
+            assert g["lr_scale"] == pytest.approx(plain[n] * (10 if head else 1)), n
 
 
 # ---- feature maps ----

@@ -135,6 +135,20 @@ def test_layer_decay_groups_cover_every_parameter_once_with_the_specified_scales
     assert all(g["lr"] == pytest.approx(2.0 * g["lr_scale"]) for g in opt.param_groups)
 
 
+def test_head_lr_mult_scales_only_the_task_head():
+    model = Classifier(_vit("mae"), num_classes=5, pool="avg")
+    plain = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.65)
+    groups = layer_decay_param_groups(model, weight_decay=0.05, layer_decay=0.65, head_lr_mult=10)
+    before = {n: g["lr_scale"] for g in plain for n in g["names"]}
+    after = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert before.keys() == after.keys()
+    for n, s in after.items():
+        head = not n.startswith("encoder.")
+        assert s == pytest.approx(before[n] * (10 if head else 1)), n
+    assert after["head.weight"] == after["fc_norm.bias"] == 10.0
+    assert after["encoder.blocks.1.mlp.fc2.weight"] == pytest.approx(0.65)  # not the head
+
+
 # ---- the classifier is timm's, key for key ----
 
 
@@ -319,6 +333,41 @@ def test_linprobe_command_probes_every_block(tmp_path, pretrained):
     assert (pretrained["mae"] / "encoder.safetensors").read_bytes() == before
 
 
+def test_linprobe_dino_protocol_concatenates_cls_avg_of_the_last_blocks(tmp_path, pretrained):
+    enc = _vit("mae").eval()
+    view = AugmentedView(SyntheticImages(8, img_size=16), EvalTransform(16, [0.5] * 3, [0.25] * 3))
+    x, _ = block_features(enc, view, layers=[1], pool="cls_avg")
+    imgs = torch.stack([view[i][0] for i in range(8)])
+    with torch.no_grad():
+        tokens = enc.forward_features(imgs)
+    assert x.shape == (1, 8, 64)
+    torch.testing.assert_close(x[0], torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))
+    args = [f"run.dir={tmp_path / 'lp'}", "data.name=synthetic", "data.synthetic_size=64",
+            "data.eval_max_samples=40", f"model.init={pretrained['mae']}", "probe.epochs=3",
+            "probe.warmup_epochs=1", "probe.batch_size=16", "probe.layers=last",
+            "probe.pool=cls_avg", "probe.last_blocks=2", "probe.raw_pixels=false"]  # fmt: skip
+    res = run_linprobe(load_config(LP, args, schema=LinprobeConfig))
+    rec = json.loads((tmp_path / "lp" / "eval.json").read_text())["linprobe"]
+    assert rec["blocks"] == [1, 2] and rec["feature_dim"] == 2 * 2 * 32 and res.layer == 1
+    assert len(res.per_layer_top1) == 1 and res.raw_pixels is None
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("probe.last_blocks=3", "probe.last_blocks"),  # the tiny encoder has 2 blocks
+        ("probe.last_blocks=0", "probe.last_blocks"),
+        ("probe.pool=max", "probe.pool"),
+    ],
+)
+def test_linprobe_config_errors_name_the_key(tmp_path, pretrained, override, needle):
+    base = [f"run.dir={tmp_path / 'lp'}", f"model.init={pretrained['mae']}", "data.name=synthetic"]
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(LP, [*base, "probe.layers=last", override], schema=LinprobeConfig)
+    with pytest.raises(ConfigError, match=re.escape("probe.layers=all")):
+        load_config(LP, [*base, "probe.last_blocks=2"], schema=LinprobeConfig)
+
+
 def test_knn_features_of_any_block():
     enc = _vit("beit", rel_pos_bias="shared").eval()
     view = AugmentedView(SyntheticImages(16, img_size=16), EvalTransform(16, [0.5] * 3, [0.25] * 3))
@@ -352,6 +401,7 @@ def test_knn_command_is_perfect_on_a_separable_set(tmp_path, pretrained):
         ("model.pool=max", "model.pool"),
         ("train.steps=0", "train.steps"),
         ("optim.layer_decay=1.5", "optim.layer_decay"),
+        ("optim.head_lr_mult=0", "optim.head_lr_mult"),
         ("aug.rand_augment=nonsense-m9", "aug.rand_augment"),
     ],
 )

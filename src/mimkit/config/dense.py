@@ -239,6 +239,8 @@ def _validate(cfg: SegmentConfig | DetectConfig, command: str, names: tuple[str,
     validate_run(cfg.run)
     if not 0 < cfg.optim.layer_decay <= 1:
         fail("optim.layer_decay", cfg.optim.layer_decay, "must be in (0, 1]")
+    if not cfg.optim.head_lr_mult > 0:
+        fail("optim.head_lr_mult", cfg.optim.head_lr_mult, "must be > 0")
     d = cfg.data
     if d.name not in names:
         fail("data.name", d.name, f"one of {list(names)} for mimkit {command}")

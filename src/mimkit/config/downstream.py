@@ -198,6 +198,8 @@ class FinetuneOptimConfig(OptimConfig):
     warmup_epochs: float = 5.0
     min_lr: float = 1e-6
     layer_decay: float = 0.75  # lr scale decay**(num_layers - 1 - layer id); 1 disables
+    # the task head's lr = lr x head_lr_mult (mmsegmentation's decode-head lr_mult; SETR: 10)
+    head_lr_mult: float = 1.0
 
 
 @dataclass
@@ -232,6 +234,8 @@ class FinetuneConfig:
         validate_run(self.run)
         if not 0 < self.optim.layer_decay <= 1:
             fail("optim.layer_decay", self.optim.layer_decay, "must be in (0, 1]")
+        if not self.optim.head_lr_mult > 0:
+            fail("optim.head_lr_mult", self.optim.head_lr_mult, "must be > 0")
         a = self.aug
         for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(a, key) <= 1:
@@ -261,8 +265,9 @@ class FinetuneConfig:
 class ProbeConfig:
     """Linear probing on frozen, cached features (MAE's and BEiT's protocols)."""
 
-    pool: str = "avg"  # avg | cls
+    pool: str = "avg"  # avg | cls | cls_avg (DINO's ViT-B probe: cls and avg-pool concatenated)
     layers: str = "last"  # last | all (BEiT: every block probed, the best chosen on held-out data)
+    last_blocks: int = 1  # DINO's n_last_blocks: the last N blocks' features concatenated
     optimizer: str = "lars"  # lars (MAE) | sgd
     base_lr: float = 0.1  # lr = base_lr * batch / 256
     lr: float | None = None
@@ -294,7 +299,11 @@ class LinprobeConfig:
         validate_classify_data(self.data, in_chans=self.model.in_chans)
         validate_run(self.run)
         p = self.probe
-        choices = {"pool": ["avg", "cls"], "layers": ["last", "all"], "optimizer": ["lars", "sgd"]}
+        choices = {
+            "pool": ["avg", "cls", "cls_avg"],
+            "layers": ["last", "all"],
+            "optimizer": ["lars", "sgd"],
+        }
         for key, allowed in choices.items():
             if getattr(p, key) not in allowed:
                 fail(f"probe.{key}", getattr(p, key), f"one of {allowed}")
@@ -306,6 +315,11 @@ class LinprobeConfig:
             fail("probe.weight_decay", p.weight_decay, "must be >= 0")
         if not 0 <= p.warmup_epochs <= p.epochs:
             fail("probe.warmup_epochs", p.warmup_epochs, f"must be in [0, probe.epochs={p.epochs}]")
+        if not isinstance(p.last_blocks, int) or not 1 <= p.last_blocks <= self.model.depth:
+            depth = self.model.depth
+            fail("probe.last_blocks", p.last_blocks, f"an integer in [1, model.depth={depth}]")
+        if p.last_blocks > 1 and p.layers != "last":
+            fail("probe.last_blocks", p.last_blocks, "must be 1 with probe.layers=all")
         if not 0 < p.val_fraction < 1 and p.layers == "all":
             fail("probe.val_fraction", p.val_fraction, "must be in (0, 1) with probe.layers=all")
 

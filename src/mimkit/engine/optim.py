@@ -47,14 +47,17 @@ def _exempt(model: nn.Module, name: str, p: nn.Parameter, skip: set[str]) -> boo
 
 
 def layer_decay_param_groups(
-    model: nn.Module, *, weight_decay: float, layer_decay: float
+    model: nn.Module, *, weight_decay: float, layer_decay: float, head_lr_mult: float = 1.0
 ) -> list[dict]:
     """Groups for layer-wise lr decay (BEiT Sec. 3.1 fine-tuning; MAE's ``param_groups_lrd``).
 
     A parameter of layer ``i`` (``model.layer_id``: 0 the embeddings, 1..depth the blocks,
     ``num_layers - 1`` the final norm and head) gets ``lr_scale = layer_decay ** (num_layers - 1
     - i)``; weight decay as :func:`param_groups`. Each group also lists its parameter ``names``.
+    The task head's parameters (``model.is_head(name)``, when the model says) get their scale
+    times ``head_lr_mult`` (mmsegmentation's ``lr_mult`` for the decode head; SETR uses 10).
     """
+    is_head = getattr(model, "is_head", None)
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     top = model.num_layers - 1
     groups: dict[tuple[int, bool], dict] = {}
@@ -62,13 +65,14 @@ def layer_decay_param_groups(
         if not p.requires_grad:
             continue
         layer, exempt = model.layer_id(name), _exempt(model, name, p, skip)
+        head = head_lr_mult != 1.0 and is_head is not None and bool(is_head(name))
         group = groups.setdefault(
-            (layer, exempt),
+            (layer, exempt, head),
             {
                 "params": [],
                 "names": [],
                 "weight_decay": 0.0 if exempt else weight_decay,
-                "lr_scale": layer_decay ** (top - layer),
+                "lr_scale": layer_decay ** (top - layer) * (head_lr_mult if head else 1.0),
                 "layer_id": layer,
             },
         )
@@ -83,7 +87,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     layer_decay = getattr(cfg, "layer_decay", None)
     if layer_decay is not None:
         groups = layer_decay_param_groups(
-            model, weight_decay=cfg.weight_decay, layer_decay=layer_decay
+            model,
+            weight_decay=cfg.weight_decay,
+            layer_decay=layer_decay,
+            head_lr_mult=getattr(cfg, "head_lr_mult", 1.0),
         )
     else:
         groups = param_groups(model, cfg.weight_decay)

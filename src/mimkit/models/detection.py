@@ -142,6 +142,10 @@ class Detector(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {self._ENCODER + n for n in self.encoder.no_weight_decay()}
 
+    def is_head(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the task head (everything but the encoder)."""
+        return not name.startswith(self._ENCODER)
+
     def layer_id(self, name: str) -> int:
         """Encoder parameters by the encoder's rule; neck, RPN and RoI heads with the top layer."""
         if name.startswith(self._ENCODER):

@@ -83,6 +83,10 @@ class Classifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
+    def is_head(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the task head (everything but the encoder)."""
+        return not name.startswith("encoder.")
+
     def layer_id(self, name: str) -> int:
         """Encoder parameters by the encoder's rule; fc_norm and head with the top layer."""
         if name.startswith("encoder."):

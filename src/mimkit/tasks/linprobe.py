@@ -45,7 +45,8 @@ def block_features(
     """(features (L, M, D) float32 on CPU, labels (M,)): pooled outputs of blocks ``layers``.
 
     Each block's tokens go through the encoder's final norm (the last block's is then exactly
-    ``forward_features``) before pooling.
+    ``forward_features``) before pooling. ``pool``: "cls", "avg" (the patch tokens' mean), or
+    "cls_avg" (both concatenated, D doubled: DINO's linear evaluation of ViT-B).
     """
     was = encoder.training
     encoder.eval()
@@ -54,7 +55,11 @@ def block_features(
     for imgs, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         outs = encoder.forward_intermediates(imgs.to(device), layers, norm=True)  # L x (B, T, D)
         for i, tokens in enumerate(outs):
-            feats[i].append(encoder.pool(tokens, pool).float().cpu())
+            if pool == "cls_avg":
+                pooled = torch.cat([encoder.pool(tokens, "cls"), encoder.pool(tokens, "avg")], -1)
+            else:
+                pooled = encoder.pool(tokens, pool)
+            feats[i].append(pooled.float().cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was)
     return torch.stack([torch.cat(f) for f in feats]), torch.cat(labels)
@@ -189,6 +194,8 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     for param in encoder.parameters():
         param.requires_grad_(False)
     layers = list(range(e.depth)) if p.layers == "all" else [e.depth - 1]
+    if p.last_blocks > 1:  # DINO: the last N blocks, concatenated into one feature set
+        layers = list(range(e.depth - p.last_blocks, e.depth))
     tf = EvalTransform(e.img_size, data.mean, data.std)
     views = [AugmentedView(ds, tf) for ds in (data.train, data.eval)]
     opts = dict(
@@ -205,6 +212,10 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     )
     train_x, train_y = block_features(encoder, views[0], **opts)
     test_x, test_y = block_features(encoder, views[1], **opts)
+    blocks = [i + 1 for i in layers]  # 1-based, as reported
+    if p.last_blocks > 1:  # (N, M, D) -> (1, M, N * D), blocks in order
+        train_x, test_x = (torch.cat(list(x), dim=-1)[None] for x in (train_x, test_x))
+        layers = [e.depth - 1]
 
     # layers=all: choose the block on a held-out part of the training features
     fit_x, fit_y, val = train_x, train_y, None
@@ -271,7 +282,9 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
             "pool": p.pool,
             "optimizer": p.optimizer,
             "epochs": p.epochs,
-            "blocks": [i + 1 for i in layers],
+            "blocks": blocks,
+            "last_blocks": p.last_blocks,
+            "feature_dim": train_x.shape[-1],
             "notes": loaded.notes,
         }
     }
@@ -296,6 +309,7 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
             "kind": "linear_probe",
             "block": layers[best] + 1,
             "pool": p.pool,
+            "last_blocks": p.last_blocks,
             "init": e.init or "none",
             "top1": result.top1,
         },
