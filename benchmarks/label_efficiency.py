@@ -175,6 +175,21 @@ def _probes(
     }
     if rec.get("raw_pixels"):
         res["linprobe_pixels"] = rec["raw_pixels"]["top1"]
+    # DINO's linear evaluation (ViT-B setting): cls token and average-pooled patch tokens of the
+    # last block, concatenated; same probe recipe otherwise
+    dino = out / "linprobe_dino" / method
+    if not read_only and not (dino / "eval.json").is_file():
+        import shutil
+
+        shutil.rmtree(dino, ignore_errors=True)
+        _mimkit(
+            ["linprobe", "-c", str(LP), f"run.dir={dino}", "data.num_workers=0", *model,
+             "probe.raw_pixels=false", "probe.layers=last", "probe.pool=cls_avg", *EXTRA],
+            out / "linprobe_dino" / f"{method}.log",
+            threads,
+        )  # fmt: skip
+    if (dino / "eval.json").is_file():
+        res["linprobe_dino"] = json.loads((dino / "eval.json").read_text())["linprobe"]["top1"]
     kn = out / "knn" / method
     if read_only and not (kn / "eval.json").is_file():
         return res
@@ -213,6 +228,7 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
         "encoder",
         *[f"fine-tune, {f:.0%} labels" for f in fracs],
         "linear probe (best block)",
+        "linear probe (DINO: cls + avg)",
         "k-NN",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -233,6 +249,8 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
         cells.append(
             f"{lp['top1']:.2f} (block {lp['block']}{', ' + label if label else ''})" if lp else "—"
         )
+        dino = p.get("linprobe_dino")
+        cells.append(f"{dino:.2f}" if dino is not None else "—")
         cells.append(
             f"{p['knn']:.2f}" + (" (random init)" if m == "scratch" else "") if "knn" in p else "—"
         )
@@ -242,7 +260,7 @@ def report(out: Path, runs: list[dict], probes: dict[str, dict], args) -> str:
         lines.append(
             "| raw pixels | "
             + " | ".join("" for _ in fracs)
-            + f" | {px['linprobe_pixels']:.2f} | {px.get('knn_pixels', 0):.2f} |"
+            + f" | {px['linprobe_pixels']:.2f} | | {px.get('knn_pixels', 0):.2f} |"
         )
     margins = []
     for m in ("mae", "beit"):
