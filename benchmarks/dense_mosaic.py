@@ -168,15 +168,24 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run")
     ap.add_argument("--out", type=Path, default=Path("runs/dense_mosaic"))
+    ap.add_argument(
+        "--report-only", action="store_true", help="table.md from the finished runs in --out"
+    )
     args = ap.parse_args()
     args.steps = {"segment": args.seg_steps, "detect": args.det_steps}
     args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     args.extra = [f"data.eval_size={args.eval_size}", *args.extra]
     inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
     for m in args.methods:
-        if m != "scratch" and not inits[m]:
+        if m != "scratch" and not inits[m] and not args.report_only:
             ap.error(f"--{m} is needed for method {m}")
     jobs = [(t, m, s) for s in args.seeds for t in args.tasks for m in args.methods]
+    if args.report_only:
+        done = [j for j in jobs if (args.out / j[0] / f"{j[1]}_s{j[2]}" / "eval.json").is_file()]
+        table = _table([_record(t, m, s, args.out / t / f"{m}_s{s}") for t, m, s in done], args)
+        (args.out / "table.md").write_text(table)
+        print(table)
+        return 0
     print(f"{len(jobs)} runs, {args.jobs} at once x {args.threads} threads", flush=True)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
