@@ -21,17 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dense_mosaic import SCRATCH  # the from-scratch ViT of the dense benchmark (same folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "segment" / "fmnist_mosaic_vit_tiny.yaml"
-SCRATCH = [
-    "model.init=null",
-    "model.method=mae",
-    "model.arch=vit_tiny",
-    "model.patch_size=4",
-    "model.in_chans=1",
-    "model.depth=6",
-]
 # (label, overrides): from the pretraining's setting to the mosaic recipe's
 CONDITIONS = [
     ("1 item, 28 px canvas, scale 1", ["data.canvas=28", "model.img_size=28",

@@ -251,9 +251,7 @@ def test_mae_matches_vitmae_for_pretraining(start, norm_pix):
 
 def test_hf_sincos_position_embeddings_have_mimkit_layout():
     vit_mae = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
-    build = getattr(vit_mae, "build_2d_sinusoidal_position_embedding", None)
-    if build is None:
-        pytest.skip("this transformers has no build_2d_sinusoidal_position_embedding")
+    build = vit_mae.build_2d_sinusoidal_position_embedding  # transformers >= 5 (test extras)
     pos = build(4, 4, embed_dim=32, cls_token=True)
     # as ViTMAEEmbeddings.initialize_weights: halves swapped to the original MAE layout
     pos = torch.cat([pos[..., 16:], pos[..., :16]], dim=-1)

@@ -395,7 +395,7 @@ def _preset_name(embed_dim: int, depth: int, num_heads: int, hint: Any) -> str:
 # ---- mimkit -> HF ----
 
 
-def _flat(state: Mapping[str, torch.Tensor]) -> Tensors:
+def flat_state(state: Mapping[str, torch.Tensor]) -> Tensors:
     """``encoder.``-prefixed module state dicts (MAE, BEiT, Classifier) -> the flat layout."""
     if not isinstance(state, Mapping):
         raise ValueError(f"state must be a mapping of tensors, got {type(state).__name__}")
@@ -555,7 +555,7 @@ def to_hf(
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-    flat = _flat(state)
+    flat = flat_state(state)
     mc = _model_config_dict(model_config)
     kind = _mimkit_kind(mc["method"], flat)
     allowed = [n for n, a in _ARCHS.items() if (a.method, a.kind) == (mc["method"], kind)]

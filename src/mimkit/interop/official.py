@@ -72,12 +72,13 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from timm.models.beit import gen_relative_position_index
 
 from mimkit.config import VIT_PRESETS, ModelConfig
+from mimkit.interop.hf import flat_state
 
 __all__ = [
     "OFFICIAL_KINDS",
@@ -104,15 +105,7 @@ OfficialKind = Literal[
     "beit-pretrain",
     "beit-classifier",
 ]
-OFFICIAL_KINDS: tuple[str, ...] = (
-    "mae-encoder",
-    "mae-pretrain",
-    "mae-classifier",
-    "mae-linprobe",
-    "beit-encoder",
-    "beit-pretrain",
-    "beit-classifier",
-)
+OFFICIAL_KINDS: tuple[str, ...] = get_args(OfficialKind)
 
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 """What :func:`read_official` allows beyond torch's weights-only defaults: the ``args`` entry."""
@@ -892,11 +885,7 @@ def to_official(
     """
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a mapping, got {type(metadata).__name__}")
-    flat: Tensors = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"state key {k!r} is not a tensor ({type(v).__name__})")
-        flat[k.removeprefix("encoder.")] = v
+    flat = flat_state(state)
     mc = metadata.get("model_config") or {}
     method = metadata.get("method") or mc.get("method")
     kind = kind or metadata.get("official_kind") or _kind_from_mimkit(method, set(flat))
