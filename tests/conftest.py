@@ -40,3 +40,27 @@ def tiny_overrides(run_dir: Path, **extra) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tmp_path) -> PretrainConfig:
     return load_config(DEMO, tiny_overrides(tmp_path / "run"))
+
+
+# what every mimkit checkpoint records (issue: provenance metadata), by kind
+_PROVENANCE = ("format", "mimkit_version", "kind", "method", "img_size", "patch_size", "in_chans",
+               "mean", "std", "epochs", "includes_decoder", "created")  # fmt: skip
+_PRETRAIN = ("target", "mask_strategy", "mask_ratio", "num_masked", "dataset", "layout",
+             "model_config", "step")  # fmt: skip
+
+
+def assert_provenance(meta: dict, kind: str) -> None:
+    """``meta`` holds the provenance a checkpoint of ``kind`` must have, with sensible values."""
+    missing = [k for k in _PROVENANCE if k not in meta]
+    assert not missing, f"{kind} checkpoint lacks {missing}"
+    assert meta["format"] == "mimkit" and meta["kind"] == kind
+    assert meta["method"] in ("mae", "beit") and len(meta["mean"]) == meta["in_chans"]
+    assert meta["includes_decoder"] is (kind == "pretrain")
+    if kind in ("pretrain", "encoder"):
+        missing = [k for k in _PRETRAIN if k not in meta]
+        assert not missing, f"{kind} checkpoint lacks {missing}"
+        assert meta["target"] in ("pixels", "norm_pixels", "visual_tokens")
+        if meta["target"] == "visual_tokens":
+            assert meta["vocab_size"] > 0 and meta["tokenizer"]["checkpoint"]
+    else:  # downstream: what it was initialized from
+        assert isinstance(meta["pretrain"], dict)

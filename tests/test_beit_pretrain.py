@@ -9,7 +9,7 @@ from mimkit.config import ConfigError, TokenizerConfig, load_config
 from mimkit.engine import checkpoint as ckpt
 from mimkit.tasks.pretrain import run_pretrain
 from mimkit.tasks.tokenizer import run_tokenizer
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, assert_provenance, tiny_overrides
 
 BEIT = ROOT / "configs" / "pretrain" / "beit_vit_tiny_fmnist.yaml"
 DVAE = ROOT / "configs" / "tokenizer" / "dvae_fmnist.yaml"
@@ -72,7 +72,10 @@ def test_beit_pretraining_run(tmp_path, tokenizer_path):
     assert (
         meta["method"] == "beit" and meta["target"] == "visual_tokens" and meta["vocab_size"] == 32
     )
-    enc = ckpt.load_weights(run / "encoder.safetensors")[0]
+    assert_provenance(meta, "pretrain")
+    enc, enc_meta = ckpt.load_weights(run / "encoder.safetensors")
+    assert_provenance(enc_meta, "encoder")
+    assert enc_meta["target"] == "visual_tokens" and enc_meta["vocab_size"] == 32
     assert "mask_token" not in enc and "lm_head.weight" not in enc  # a timm Beit state dict
     assert set(res.knn) == {"pretrained", "random_init", "raw_pixels"}
 

@@ -26,7 +26,7 @@ def test_the_command_has_help():
         ["visualize", "attention"],
         ["visualize", "reconstruction"],
         ["tokenizer", "train"],
-        ["convert", "dalle"],
+        ["convert"],
     ],
 )
 def test_every_subcommand_has_help(sub, capsys):
@@ -49,8 +49,8 @@ def test_pretrain_then_inspect_and_resume_from_the_cli(tmp_path):
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "steps 16, epochs 2" in resumed.stdout
-    info = subprocess.run([*MIMKIT, "inspect", str(tmp_path / "r" / "encoder.safetensors")],
-                          capture_output=True, text=True)  # fmt: skip
+    enc = str(tmp_path / "r" / "encoder.safetensors")
+    info = subprocess.run([*MIMKIT, "inspect", "--json", enc], capture_output=True, text=True)
     assert info.returncode == 0 and '"method": "mae"' in info.stdout
 
 

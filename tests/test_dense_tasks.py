@@ -19,7 +19,7 @@ from mimkit.engine.optim import linear_lr
 from mimkit.tasks.detect import evaluate_detector, run_detect
 from mimkit.tasks.pretrain import run_pretrain
 from mimkit.tasks.segment import evaluate_segmenter, run_segment
-from tests.conftest import DEMO, ROOT, tiny_overrides
+from tests.conftest import DEMO, ROOT, assert_provenance, tiny_overrides
 
 SEG = ROOT / "configs" / "segment" / "fmnist_mosaic_vit_tiny.yaml"
 DET = ROOT / "configs" / "detect" / "fmnist_mosaic_vit_tiny.yaml"
@@ -130,6 +130,7 @@ def test_segment_runs_and_writes_its_contract(tmp_path, fmnist, pretrained, init
     assert set(r.last["per_class_iou"]) == {"background", "T-shirt/top", *r.last["per_class_iou"]}
     state, meta = ckpt.load_weights(run / "model_last.safetensors")
     assert meta["kind"] == "segmenter" and meta["img_size"] == 32
+    assert_provenance(meta, "segmenter")
     assert meta["pretrain_method"] == ("none" if init == "scratch" else init)
     assert any(k.startswith("encoder.blocks.") for k in state)
     if init != "scratch":
@@ -375,6 +376,7 @@ def test_segment_and_detect_on_user_folders_from_the_cli(tmp_path, pretrained, c
     assert main(det) == 0
     _, meta = ckpt.load_weights(tmp_path / "det" / "model_last.safetensors")
     assert meta["classes"] == ["background", "box", "crate"] and meta["num_classes"] == 3
+    assert_provenance(meta, "detector")
     assert (tmp_path / "det" / "figures" / "detection.png").is_file()
     assert main(["segment", "-c", str(SEG), "data.name=nope", *common]) == 2
     assert "data.name" in capsys.readouterr().err

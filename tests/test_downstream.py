@@ -36,7 +36,7 @@ from mimkit.tasks.knn import extract_features, run_knn
 from mimkit.tasks.linprobe import block_features, run_linprobe, train_probes
 from mimkit.tasks.pretrain import run_pretrain
 from mimkit.tasks.visualize import visualize_attention, visualize_reconstruction
-from tests.conftest import DEMO, ROOT, tiny_overrides
+from tests.conftest import DEMO, ROOT, assert_provenance, tiny_overrides
 
 FT = ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"
 LP = ROOT / "configs" / "linprobe" / "fmnist_vit_tiny.yaml"
@@ -194,6 +194,8 @@ def test_finetune_runs_and_writes_its_contract(tmp_path, pretrained, init):
     meta = ckpt.read_metadata(run / "model_best.safetensors")
     assert meta["kind"] == "classifier" and meta["num_classes"] == 10 and meta["pool"] == "avg"
     assert meta["pretrain_method"] == ("none" if init == "scratch" else init)
+    assert_provenance(meta, "classifier")
+    assert meta["pretrain"].get("method") == (None if init == "scratch" else init)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
     state, _ = ckpt.load_weights(run / "model_last.safetensors")
@@ -328,7 +330,7 @@ def test_linprobe_command_probes_every_block(tmp_path, pretrained):
     assert len(res.per_layer_top1) == 2 and len(res.val_top1) == 2 and res.raw_pixels
     rec = json.loads((tmp_path / "lp" / "eval.json").read_text())["linprobe"]
     assert rec["blocks"] == [1, 2] and rec["layer"] in (0, 1)
-    assert (tmp_path / "lp" / "probe.safetensors").is_file()
+    assert_provenance(ckpt.read_metadata(tmp_path / "lp" / "probe.safetensors"), "linear_probe")
     assert (tmp_path / "lp" / "figures" / "linprobe_layers.png").is_file()
     assert (pretrained["mae"] / "encoder.safetensors").read_bytes() == before
 

@@ -10,7 +10,7 @@ from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.optim import cosine_lr, param_groups
 from mimkit.models import build_mae
 from mimkit.tasks.pretrain import run_pretrain
-from tests.conftest import DEMO, tiny_overrides
+from tests.conftest import DEMO, assert_provenance, tiny_overrides
 
 
 def test_cosine_schedule():
@@ -111,6 +111,8 @@ def test_run_directory_contract(tmp_path):
     assert meta["img_size"] == 16 and meta["patch_size"] == 4 and meta["includes_decoder"] is False
     assert len(meta["mean"]) == 3 and meta["step"] == res.train.step == 16
     full = ckpt.read_metadata(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors")
+    assert_provenance(meta, "encoder")
+    assert_provenance(full, "pretrain")
     assert full["includes_decoder"] is True and full["step"] == 16
     assert set(res.knn) == {"pretrained", "random_init", "raw_pixels"}
     assert json.loads((run / "eval.json").read_text())["knn"]["pretrained"]["k"] == 5

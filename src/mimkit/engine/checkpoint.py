@@ -12,6 +12,7 @@ is replaced atomically, so a crash never leaves a half-written checkpoint as the
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -22,13 +23,31 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 __all__ = [
+    "created_now",
     "latest_checkpoint",
     "load_train_state",
     "load_weights",
     "read_metadata",
     "save_checkpoint",
     "save_weights",
+    "upstream_provenance",
 ]
+
+# what a downstream checkpoint repeats of the pretraining it started from (under "pretrain")
+_UPSTREAM_KEYS = (
+    "method", "target", "tokenizer", "vocab_size", "mask_strategy", "mask_ratio", "num_masked",
+    "dataset", "epochs", "step", "img_size", "patch_size", "source", "created", "mimkit_version",
+)  # fmt: skip
+
+
+def created_now() -> str:
+    """The ``created`` field of provenance metadata: UTC, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def upstream_provenance(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """The provenance of the checkpoint a downstream model was initialized from (or {})."""
+    return {k: metadata[k] for k in _UPSTREAM_KEYS if metadata and k in metadata}
 
 
 def _stringify(metadata: dict[str, Any]) -> dict[str, str]:

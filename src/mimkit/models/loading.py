@@ -25,8 +25,8 @@ from mimkit.engine.checkpoint import latest_checkpoint, load_weights, read_metad
 
 __all__ = ["EncoderWeights", "checkpoint_model_config", "find_checkpoint", "load_encoder_weights"]
 
-# keys of a full pretraining model that are not the encoder's
-_PRETRAIN_ONLY = ("decoder_", "mask_token", "lm_head.")
+# keys of a full pretraining model (and of an imported linear probe) that are not the encoder's
+_PRETRAIN_ONLY = ("decoder_", "mask_token", "lm_head.", "probe.")
 _HEAD_KEYS = ("head.", "fc_norm.")
 
 
@@ -67,7 +67,7 @@ def checkpoint_model_config(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class EncoderWeights:
-    encoder: dict[str, torch.Tensor]  # encoder keys (timm layout), no pretraining-only keys
+    encoder: dict[str, torch.Tensor]  # encoder keys (timm layout), no pretraining / probe keys
     head: dict[str, torch.Tensor]  # fc_norm.* / head.* of a fine-tuned classifier (else empty)
     metadata: dict[str, Any]
     path: Path

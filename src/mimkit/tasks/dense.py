@@ -158,6 +158,12 @@ def dense_metadata(
         "mean": data.mean,
         "std": data.std,
         "head": to_dict(cfg.head),
+        "dataset": cfg.data.name,
+        "max_steps": cfg.train.max_steps,
+        "epochs": cfg.train.epochs,
+        "includes_decoder": False,
+        "created": ckpt.created_now(),
+        "pretrain": ckpt.upstream_provenance(pre),
         "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
     }
 

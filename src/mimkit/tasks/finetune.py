@@ -173,6 +173,11 @@ def _classifier_metadata(cfg, loaded, data, num_classes: int) -> dict[str, Any]:
         "mean": data.mean,
         "std": data.std,
         "label_fraction": cfg.data.label_fraction,
+        "dataset": cfg.data.name,
+        "epochs": cfg.train.epochs,
+        "includes_decoder": False,
+        "created": ckpt.created_now(),
+        "pretrain": ckpt.upstream_provenance(pre),
         # the encoder's architecture (no decoder: a classifier has none)
         "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
     }

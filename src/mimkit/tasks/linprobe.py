@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mimkit import __version__
 from mimkit.config.downstream import LinprobeConfig, ProbeConfig
 from mimkit.data import AugmentedView, EvalTransform
 from mimkit.engine import checkpoint as ckpt
@@ -306,12 +307,28 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         state,
         {
             "format": "mimkit",
+            "mimkit_version": __version__,
             "kind": "linear_probe",
+            "method": e.method,
             "block": layers[best] + 1,
             "pool": p.pool,
             "last_blocks": p.last_blocks,
             "init": e.init or "none",
             "top1": result.top1,
+            "num_classes": len(data.classes),
+            "classes": list(data.classes),
+            "img_size": e.img_size,
+            "patch_size": e.patch_size,
+            "in_chans": e.in_chans,
+            "mean": data.mean,
+            "std": data.std,
+            "dataset": cfg.data.name,
+            "epochs": p.epochs,
+            "includes_decoder": False,
+            "created": ckpt.created_now(),
+            "pretrain": ckpt.upstream_provenance(
+                loaded.weights.metadata if loaded.weights is not None else None
+            ),
         },
     )
     if len(layers) > 1:

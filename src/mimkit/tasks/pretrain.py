@@ -85,17 +85,15 @@ class BEiTPretrainTask:
         keyed = {(k if k.startswith("lm_head") else f"encoder.{k}"): v for k, v in state.items()}
         self.model.load_state_dict(keyed, strict=True)
 
-    def metadata(self) -> dict[str, Any]:
-        meta = provenance(self.cfg, mean=self.mean, std=self.std, decoder=True)
-        meta["layout"] = "official-beit"
-        if self.model.vocab_size is not None:
-            meta["target"] = "visual_tokens"
-            meta["vocab_size"] = self.model.vocab_size
-            meta["tokenizer"] = {
-                "checkpoint": self.cfg.tokenizer.checkpoint,
-                "kind": self.tokenizer_meta.get("kind"),
-            }
-        return meta
+    def metadata(self, *, decoder: bool = True) -> dict[str, Any]:
+        return provenance(
+            self.cfg,
+            mean=self.mean,
+            std=self.std,
+            decoder=decoder,
+            vocab_size=self.model.vocab_size,
+            tokenizer_kind=self.tokenizer_meta.get("kind"),
+        )
 
 
 class TokenCache(torch.utils.data.Dataset):
@@ -151,20 +149,37 @@ class MAEPretrainTask:
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(from_official_layout(state), strict=True)
 
-    def metadata(self) -> dict[str, Any]:
-        return provenance(self.cfg, mean=self.mean, std=self.std, decoder=True)
+    def metadata(self, *, decoder: bool = True) -> dict[str, Any]:
+        return provenance(self.cfg, mean=self.mean, std=self.std, decoder=decoder)
 
 
 def provenance(
-    cfg: PretrainConfig, *, mean: list[float], std: list[float], decoder: bool
+    cfg: PretrainConfig,
+    *,
+    mean: list[float],
+    std: list[float],
+    decoder: bool,
+    vocab_size: int | None = None,
+    tokenizer_kind: str | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint is: stored as safetensors metadata (all values JSON strings)."""
+    """What a pretraining checkpoint is: stored as safetensors metadata (all values JSON strings).
+
+    Method, target (and BEiT's tokenizer), masking, input (image/patch size, channels, mean/std),
+    data and schedule (dataset, epochs, batch size), whether the decoder / MIM head is included,
+    the layout of the keys and the whole ``model`` section; the writer adds ``step``/``epoch``.
+    """
     m = cfg.model
-    return {
+    beit = m.method == "beit"
+    if beit and vocab_size is not None:
+        target = "visual_tokens"
+    else:
+        target = "norm_pixels" if cfg.target.norm_pix else "pixels"
+    meta: dict[str, Any] = {
         "format": "mimkit",
         "mimkit_version": __version__,
+        "kind": "pretrain" if decoder else "encoder",
         "method": m.method,
-        "target": "norm_pixels" if cfg.target.norm_pix else "pixels",
+        "target": target,
         "mask_strategy": cfg.mask.strategy,
         "mask_ratio": cfg.mask.ratio,
         "num_masked": cfg.mask.num_masked,
@@ -179,12 +194,20 @@ def provenance(
         "mlp_ratio": m.mlp_ratio,
         "mean": mean,
         "std": std,
+        "dataset": cfg.data.name,
+        "epochs": cfg.train.epochs,
+        "batch_size": cfg.train.batch_size,
         "includes_decoder": decoder,
         "layout": ("official-mae" if decoder else "timm-vit")
         if m.method == "mae"
         else ("official-beit" if decoder else "timm-beit"),
+        "created": ckpt.created_now(),
         "model_config": to_dict(m),
     }
+    if target == "visual_tokens":
+        meta["vocab_size"] = vocab_size
+        meta["tokenizer"] = {"checkpoint": cfg.tokenizer.checkpoint, "kind": tokenizer_kind}
+    return meta
 
 
 @dataclasses.dataclass
@@ -238,7 +261,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
         ckpt.save_weights(
             encoder_path,
             enc_state,
-            {**provenance(cfg, mean=mean, std=std, decoder=False), "step": result.step},
+            {**task.metadata(decoder=False), "step": result.step, "epoch": result.epoch},
         )
         if cfg.eval.knn.enabled:
             knn = evaluate_knn(cfg, model.encoder, mean=mean, std=std, device=device)
