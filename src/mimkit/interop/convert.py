@@ -225,6 +225,22 @@ def _parts(state: Mapping[str, Any]) -> dict[str, bool]:
     }
 
 
+def _peek(state: Mapping[str, Any], args: Any) -> tuple[dict[str, Any], bool]:
+    """(metadata an import would record, whether heads had to be guessed): shapes only."""
+    from mimkit.interop.official import convert_official
+
+    for heads, dec_heads in ((None, None), (None, 1), (1, 1)):
+        try:
+            _, meta = convert_official(
+                state, args=args, strict=False, num_heads=heads, decoder_num_heads=dec_heads
+            )
+            return meta, heads is not None
+        except ValueError as err:
+            if "heads" not in str(err) or heads == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def describe(path: str | Path, *, fmt: str = "auto") -> dict[str, Any]:
     """What a checkpoint is: format, method, kind, target, decoder/head, sizes and provenance."""
     p = Path(path)
@@ -242,15 +258,14 @@ def describe(path: str | Path, *, fmt: str = "auto") -> dict[str, Any]:
         info.update({k: meta[k] for k in _SHOWN if k in meta})
         info["metadata"] = meta
     elif fmt == "official":
-        from mimkit.interop.official import convert_official, read_official
+        from mimkit.interop.official import read_official
 
         ck = read_official(p)
         info["tensors"], info["parameters"] = _count(ck.state)
         info.update(_parts(ck.state))
-        _, meta = convert_official(
-            ck.state, args=ck.args, strict=False, num_heads=1, decoder_num_heads=1
-        )
-        info.update({k: meta[k] for k in _SHOWN if k in meta and k not in _NOT_OFFICIAL})
+        meta, guessed = _peek(ck.state, ck.args)
+        skip = _NOT_OFFICIAL if guessed else _NOT_OFFICIAL[1:]
+        info.update({k: meta[k] for k in _SHOWN if k in meta and k not in skip})
         info["entry"], info["other_entries"] = ck.entry, ck.extras
         if ck.args:
             info["args"] = ck.args
@@ -269,9 +284,7 @@ def describe(path: str | Path, *, fmt: str = "auto") -> dict[str, Any]:
             if isinstance(config.get("mimkit"), Mapping):
                 info["mimkit"] = {k: v for k, v in config["mimkit"].items() if k in _SHOWN}
         else:
-            from mimkit.interop.official import convert_official
-
-            _, meta = convert_official(state, strict=False, num_heads=1)
+            meta, _ = _peek(state, None)
             keep = ("kind", "method", "img_size", "patch_size", "in_chans", "embed_dim", "depth")
             info.update({k: meta[k] for k in keep if k in meta})
     elif fmt == "hf":
