@@ -472,6 +472,12 @@ def test_whole_checkpoints_export_and_import(tmp_path):
     assert back_meta["layout"] == "official-mae" and back_meta["target"] == "norm_pixels"
     assert checkpoint_model_config(path) == full(MAE_CFG)
     assert set(load_encoder_weights(path).encoder) == set(flat(ours.encoder))
+    # no recorded target (an official file without args, e.g. mae_visualize_*): raw pixels
+    del meta["target"], meta["mask_ratio"]
+    save_weights(tmp_path / "bare.safetensors", state, meta)
+    folder = export_to_hf(tmp_path / "bare.safetensors", tmp_path / "hf_bare")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["norm_pix_loss"] is False and config["mask_ratio"] == 0.75
 
     ours = perturb(classifier(beit_cfg("per_layer_abs"), pool="avg"))
     labels = ["cat", "dog", "emu", "fox", "gnu"]

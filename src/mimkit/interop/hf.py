@@ -951,7 +951,9 @@ def export_to_hf(
     """A mimkit checkpoint (file or run directory) -> an HF model folder; returns the folder.
 
     The architecture, MAE mask ratio and target, and class names come from the checkpoint's
-    provenance metadata.
+    provenance metadata. A checkpoint that does not record its target (an official file saved
+    without ``args``, such as the released ``mae_visualize_*`` weights, trained on raw pixels)
+    exports ``norm_pix_loss=False``, HF's default; the mask ratio defaults to 0.75.
     """
     from mimkit.models.loading import find_checkpoint
 
@@ -965,7 +967,7 @@ def export_to_hf(
         model_config=meta["model_config"],
         architecture=architecture,
         mask_ratio=0.75 if mask_ratio is None else float(mask_ratio),
-        norm_pix_loss=meta.get("target", "norm_pixels") == "norm_pixels",
+        norm_pix_loss=meta.get("target") == "norm_pixels",
         labels=meta.get("classes"),
     )
     return save_hf_folder(folder, hf_state, config)
