@@ -35,6 +35,7 @@ RECIPES = {
     "segment": ROOT / "configs" / "segment" / "fmnist_mosaic_vit_tiny.yaml",
     "detect": ROOT / "configs" / "detect" / "fmnist_mosaic_vit_tiny.yaml",
 }
+METHODS = ("scratch", "mae", "beit", "mae_mosaic")
 METRICS = {"segment": ("mIoU", "pixel_acc"), "detect": ("box_map", "mask_map", "box_map_50")}
 # the encoder of the Fashion-MNIST pretraining recipes, for the from-scratch baseline
 SCRATCH = [
@@ -84,7 +85,7 @@ def _run(task: str, method: str, init: str | None, seed: int, out: Path, args) -
     rec["seconds"] = round(time.perf_counter() - t0, 1)
     (run / "benchmark.json").write_text(json.dumps(rec) + "\n")
     shown = ", ".join(f"{k} {rec[k]:.2f}" for k in METRICS[task] if rec.get(k) is not None)
-    print(f"  {task:7s} {method:8s} seed {seed}: {shown} ({rec['seconds']:.0f} s)", flush=True)
+    print(f"  {task:7s} {method:10s} seed {seed}: {shown} ({rec['seconds']:.0f} s)", flush=True)
     return rec
 
 
@@ -109,7 +110,12 @@ def _cell(values: list[float]) -> str:
 
 
 def _table(results: list[dict], args) -> str:
-    names = {"scratch": "from scratch", "mae": "MAE-pretrained", "beit": "BEiT-pretrained"}
+    names = {
+        "scratch": "from scratch",
+        "mae": "MAE-pretrained",
+        "beit": "BEiT-pretrained",
+        "mae_mosaic": "MAE-pretrained on mosaic canvases",
+    }
     lines = [
         "Fashion-MNIST mosaic (56×56 canvases, 1–3 items; "
         f"{args.eval_size} test canvases), mean ± std over seeds; the last evaluation of runs of "
@@ -120,7 +126,7 @@ def _table(results: list[dict], args) -> str:
         " box AP50 (%) | minutes per run (seg. / det.) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in ("scratch", "mae", "beit"):
+    for m in METHODS:
         seg = [r for r in results if r["method"] == m and r["task"] == "segment"]
         det = [r for r in results if r["method"] == m and r["task"] == "detect"]
         if not seg and not det:
@@ -137,7 +143,7 @@ def _table(results: list[dict], args) -> str:
             f"{_cell([r['box_map_50'] for r in det])} | {minutes(seg)} / {minutes(det)} |"
         )
     lines += ["", "Pretrained − scratch (difference of the means; the spreads are over seeds):", ""]
-    for m in ("mae", "beit"):
+    for m in METHODS[1:]:
         for task, key, label in (("segment", "mIoU", "mIoU"), ("detect", "box_map", "box mAP")):
             ours = [r[key] for r in results if r["method"] == m and r["task"] == task]
             base = [r[key] for r in results if r["method"] == "scratch" and r["task"] == task]
@@ -157,8 +163,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mae", help="an MAE pretraining run (1 channel, 4 px patches)")
     ap.add_argument("--beit", help="a BEiT pretraining run")
+    ap.add_argument(
+        "--mae-mosaic",
+        help="an MAE pretraining run on unlabeled mosaic canvases "
+        "(configs/pretrain/mae_vit_tiny_mosaic.yaml); adds the method mae_mosaic",
+    )
     ap.add_argument("--tasks", nargs="+", default=["segment", "detect"])
-    ap.add_argument("--methods", nargs="+", default=["scratch", "mae", "beit"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="default: scratch, mae, beit, and mae_mosaic when --mae-mosaic is given",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--seg-steps", type=int, default=350)
     ap.add_argument("--det-steps", type=int, default=350)
@@ -175,10 +191,12 @@ def main() -> int:
     args.steps = {"segment": args.seg_steps, "detect": args.det_steps}
     args.threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     args.extra = [f"data.eval_size={args.eval_size}", *args.extra]
-    inits = {"scratch": None, "mae": args.mae, "beit": args.beit}
+    inits = {"scratch": None, "mae": args.mae, "beit": args.beit, "mae_mosaic": args.mae_mosaic}
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != "mae_mosaic" or args.mae_mosaic]
     for m in args.methods:
         if m != "scratch" and not inits[m] and not args.report_only:
-            ap.error(f"--{m} is needed for method {m}")
+            ap.error(f"--{m.replace('_', '-')} is needed for method {m}")
     jobs = [(t, m, s) for s in args.seeds for t in args.tasks for m in args.methods]
     if args.report_only:
         done = [j for j in jobs if (args.out / j[0] / f"{j[1]}_s{j[2]}" / "eval.json").is_file()]
