@@ -24,11 +24,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
+def _resume(args: argparse.Namespace, cfg) -> bool:
+    """``--resume``, or a worker that torchrun restarted (``--max-restarts``) after a failure and
+    whose run already has a complete checkpoint."""
+    from mimkit.engine.rundir import restarted_with_checkpoint
+
+    return bool(args.resume) or restarted_with_checkpoint(cfg)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimkit.tasks.pretrain import run_pretrain
 
     cfg = load_config(args.config, args.overrides)
-    result = run_pretrain(cfg, resume=args.resume)
+    result = run_pretrain(cfg, resume=_resume(args, cfg))
     run_dir = result.run_dir
     print(f"\nrun directory: {run_dir}")
     print(
@@ -59,7 +67,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mimkit.tasks.tokenizer import run_tokenizer
 
     cfg = load_config(args.config, args.overrides, schema=TokenizerConfig)
-    result = run_tokenizer(cfg, resume=args.resume)
+    result = run_tokenizer(cfg, resume=_resume(args, cfg))
     run_dir, m = result.run_dir, result.metrics
     print(f"\nrun directory: {run_dir}")
     print(f"  steps {result.train.step}, epochs {result.train.epoch}")
@@ -124,7 +132,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from mimkit.tasks.finetune import run_finetune
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
-    r = run_finetune(cfg, resume=args.resume)
+    r = run_finetune(cfg, resume=_resume(args, cfg))
     print(f"\nrun directory: {r.run_dir}")
     print(f"  steps {r.train.step}, epochs {r.train.epoch}, last loss {r.train.loss:.4f}")
     if r.best:
@@ -163,7 +171,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from mimkit.tasks.segment import run_segment
 
     cfg = load_config(args.config, args.overrides, schema=SegmentConfig)
-    _report_dense(run_segment(cfg, resume=args.resume), "mIoU", "segmentation.png")
+    _report_dense(run_segment(cfg, resume=_resume(args, cfg)), "mIoU", "segmentation.png")
     return 0
 
 
@@ -172,7 +180,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from mimkit.tasks.detect import run_detect
 
     cfg = load_config(args.config, args.overrides, schema=DetectConfig)
-    _report_dense(run_detect(cfg, resume=args.resume), "box_map", "detection.png")
+    _report_dense(run_detect(cfg, resume=_resume(args, cfg)), "box_map", "detection.png")
     return 0
 
 
@@ -577,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from mimkit.engine.distributed import shutdown
+
+        shutdown()  # leave torchrun's process group, if this command joined one
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,26 @@ import yaml
 
 from mimkit.config import ConfigError, save_config, to_dict
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main, pick_device
+from mimkit.engine.distributed import barrier, init_distributed, is_main, rank
 
-__all__ = ["RESUMABLE_CHANGES", "prepare_run"]
+__all__ = ["RESUMABLE_CHANGES", "prepare_run", "restarted_with_checkpoint"]
 
 # keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
 RESUMABLE_CHANGES = ("train.max_steps", "eval.")
 
 
+def restarted_with_checkpoint(cfg: Any) -> bool:
+    """Whether torchrun restarted this worker (``TORCHELASTIC_RESTART_COUNT`` > 0, after a failed
+    rank with ``--max-restarts``) and ``run.dir`` holds a complete checkpoint to continue from."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) <= 0:
+        return False
+    return ckpt.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") is not None
+
+
 def prepare_run(cfg: Any, *, resume: bool) -> tuple[Path, torch.device]:
     """Validate the run directory for a fresh run or a resume, seed, and write ``config.yaml``.
+
+    Under torchrun, joins the process group first; rank 0 writes, the others wait for it.
 
     A fresh run refuses a ``run.dir`` that already holds checkpoints; a resume needs a complete
     checkpoint and the saved config, except :data:`RESUMABLE_CHANGES`. Returns (run dir, device).
@@ -35,13 +46,15 @@ def prepare_run(cfg: Any, *, resume: bool) -> tuple[Path, torch.device]:
             f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
             "run, or choose another run.dir"
         )
-    device = pick_device(cfg.run.device)
+    device = init_distributed(cfg.run.device)  # joins torchrun's process group, if any
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.run.seed)
+    # one stream per rank (masks, dropout); DDP broadcasts rank 0's initial weights
+    torch.manual_seed(cfg.run.seed + rank())
     if is_main():
         (run_dir / "figures").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    barrier()
     return run_dir, device
 
 
@@ -54,9 +67,13 @@ def _check_resume_config(cfg: Any, run_dir: Path) -> None:
         if key.startswith(RESUMABLE_CHANGES):
             continue
         if saved.get(key) != now.get(key):
+            hint = ""
+            if key.endswith(".lr"):  # the absolute lr scales with the effective batch
+                hint = "; it follows the effective batch: resume with the same number of processes"
             raise ConfigError(
                 f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
-                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may change)"
+                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may "
+                f"change{hint})"
             )
 
 

@@ -10,10 +10,11 @@ schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -22,10 +23,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mimkit.config import OptimConfig, TrainConfig
+from mimkit.config import ConfigError, OptimConfig, TrainConfig
 from mimkit.data import AugmentedView, ResumableSampler, make_loader
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main, rank, world_size
+from mimkit.engine.distributed import (
+    DataParallelModel,
+    all_agree,
+    all_gather_object,
+    is_main,
+    mean_across_ranks,
+    rank,
+    world_size,
+)
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer, schedule_lr, set_lr
 
@@ -118,6 +127,8 @@ class Trainer:
         self.warmup_steps = round(optim.warmup_epochs * self.steps_per_epoch)
         self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
         self.optimizer = build_optimizer(optim, task.model)
+        # several processes (torchrun): DDP around the task's model, swapped in for each step
+        self.ddp = DataParallelModel(task.model, device) if world_size() > 1 else None
         self.autocast = train.precision == "bf16"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
@@ -127,26 +138,33 @@ class Trainer:
     # ---- state ----
 
     def state_dict(self) -> dict[str, Any]:
+        """The training state; with several ranks, every rank's RNG state (a collective call)."""
+        rng = _rng_state()
         return {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": _rng_state(),
+            "rng": rng if self.ddp is None else all_gather_object(rng),
+            "world_size": world_size(),
             "seed": self.seed,
         }
 
     def save(self) -> Path | None:
-        if not is_main() or self._saved_step == self.step:
+        """A checkpoint of this step, written once (by rank 0); every rank must call it."""
+        if self._saved_step == self.step:
             return None
         self._saved_step = self.step
+        train_state = self.state_dict()
+        if not is_main():
+            return None
         meta = {**self.task.metadata(), "step": self.step, "epoch": self.epoch}
         return ckpt.save_checkpoint(
             self.ckpt_root,
             self.step,
             weights=self.task.weights(),
             metadata=meta,
-            train_state=self.state_dict(),
+            train_state=train_state,
             keep_last=self.cfg.keep_last,
         )
 
@@ -161,8 +179,37 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        _set_rng_state(state["rng"])
+        rng, saved_world = state["rng"], int(state.get("world_size", 1))
+        if saved_world != world_size():
+            raise ConfigError(
+                f"{path} was written by {saved_world} process(es), this run has {world_size()}: "
+                "resume with the same number of processes (the data order and RNG streams are "
+                "per rank)"
+            )
+        _set_rng_state(rng[rank()] if isinstance(rng, list) else rng)
+        self._saved_step = self.step
         return True
+
+    @contextlib.contextmanager
+    def _micro_step(self, sync: bool) -> Iterator[None]:
+        """Around a micro-step's forward and backward: with several ranks, the task's model is
+        the DDP wrapper, and gradients are all-reduced only when ``sync`` (the last micro-batch
+        before an optimizer step: accumulation uses ``no_sync``)."""
+        if self.ddp is None:
+            yield
+            return
+        model, calls = self.task.model, self.ddp.calls
+        self.task.model = self.ddp
+        try:
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                yield
+        finally:
+            self.task.model = model
+        if self.ddp.calls == calls:
+            raise RuntimeError(
+                f"{type(self.task).__name__}.step did not call its model: with several processes "
+                "only a call of the model (not of one of its methods) synchronizes gradients"
+            )
 
     # ---- the loop ----
 
@@ -192,16 +239,17 @@ class Trainer:
                     break  # a partial accumulation at the end of an epoch is dropped
                 if hasattr(self.task, "on_step"):
                     self.task.on_step(self.step, self.total_steps, self.steps_per_epoch)
-                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                    out = self.task.step(batch)
-                (out.loss / accum).backward()
+                with self._micro_step(sync=(self.batch_in_epoch + 1) % accum == 0):
+                    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                        out = self.task.step(batch)
+                    (out.loss / accum).backward()
                 loss_sum += out.loss.detach()
                 self.batch_in_epoch += 1
                 seen += cfg.batch_size
                 if self.batch_in_epoch % accum:
                     continue
                 lr = self._optimizer_step(loss_sum / accum)
-                last_loss = float(loss_sum) / accum
+                last_loss = float(mean_across_ranks(loss_sum)) / accum  # all ranks' batches
                 loss_sum.zero_()
                 if self.step % cfg.log_every_steps == 0 or self.step == self.max_steps:
                     dt = time.perf_counter() - t0
@@ -263,7 +311,7 @@ class Trainer:
             finite = torch.isfinite(loss) & torch.isfinite(norm)
         else:
             finite = torch.isfinite(loss)
-        if not bool(finite):
+        if not all_agree(finite, self.device):  # every rank skips, or none does
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss)}) at step {self.step}, epoch {self.epoch}: the "
                 "optimizer step was not taken; the last checkpoint is intact (try a lower optim.lr "

@@ -268,10 +268,16 @@ class Segmenter(nn.Module):
 
     def forward_train(self, x: torch.Tensor) -> SegmentationOutput:
         """Logits and, when configured, the auxiliary head's logits, both (B, K, H, W)."""
-        return self._forward(x, aux=self.aux_head is not None)
+        return self(x, with_aux=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, aux=False).logits  # (B, K, H, W)
+    def forward(
+        self, x: torch.Tensor, *, with_aux: bool = False
+    ) -> torch.Tensor | SegmentationOutput:
+        """Logits (B, K, H, W); ``with_aux``: a :class:`SegmentationOutput` (training: the
+        auxiliary head's logits too, when configured). Training calls the model itself, so
+        that a DistributedDataParallel wrapper sees the call."""
+        out = self._forward(x, aux=with_aux and self.aux_head is not None)
+        return out if with_aux else out.logits
 
     def _forward(self, x: torch.Tensor, *, aux: bool) -> SegmentationOutput:
         indices = self.out_indices + ((self.aux_index,) if aux else ())

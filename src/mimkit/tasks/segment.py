@@ -60,7 +60,7 @@ class SegmentTask(DenseTask):
     def step(self, batch: Any) -> StepOutput:
         imgs, labels = batch  # (B, C, H, W), (B, H, W)
         imgs, labels = imgs.to(self.device), labels.to(self.device)
-        out = self.model.forward_train(imgs)
+        out = self.model(imgs, with_aux=True)  # a call of the model: DDP sees it
         loss = main = self.loss(out.logits, labels)
         logs = {}
         if out.aux_logits is not None and self.aux_weight > 0:
