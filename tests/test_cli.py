@@ -27,6 +27,8 @@ def test_the_command_has_help():
         ["visualize", "reconstruction"],
         ["tokenizer", "train"],
         ["convert"],
+        ["data", "shard"],
+        ["data", "verify"],
     ],
 )
 def test_every_subcommand_has_help(sub, capsys):

@@ -10,6 +10,7 @@ import gzip
 import math
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -21,9 +22,12 @@ __all__ = [
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "IMAGE_FORMATS",
+    "IMAGE_SUFFIXES",
     "FashionMNIST",
     "ImageFolder",
     "SyntheticImages",
+    "load_image",
     "read_idx",
 ]
 
@@ -95,6 +99,8 @@ class FashionMNIST(Dataset):
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# the Pillow decoders of those suffixes (camera MPO files open through JPEG)
+IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 
 
 class ImageFolder(Dataset):
@@ -129,12 +135,23 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-        t = torch.from_numpy(arr.copy())
-        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
-        return t.contiguous(), label
+        return load_image(path, channels=self.channels), label
+
+
+def load_image(source: str | Path | BinaryIO, *, channels: int) -> torch.Tensor:
+    """Decode one image file (a path or a binary file object) to uint8 (C, H, W).
+
+    Only the raster formats of :data:`IMAGE_FORMATS` are tried, whatever the bytes claim to be
+    (Pillow's EPS plugin, for one, would run Ghostscript). The image is converted explicitly to
+    ``L`` (1 channel) or ``RGB`` (3 channels). Undecodable or truncated data raises an
+    ``OSError``/``ValueError`` from Pillow.
+    """
+    with Image.open(source, formats=IMAGE_FORMATS) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
+    return t.contiguous()
 
 
 def _images_in(folder: Path, *, recursive: bool) -> list[Path]:
