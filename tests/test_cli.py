@@ -27,6 +27,7 @@ def test_the_command_has_help():
         ["visualize", "reconstruction"],
         ["tokenizer", "train"],
         ["convert"],
+        ["bench"],
         ["data", "shard"],
         ["data", "verify"],
     ],

@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from mimkit.bench import add_bench_parser
+
+    add_bench_parser(sub)  # mimkit bench: throughput, MFU, the comparison with HF
 
     p = sub.add_parser(
         "pretrain",
