@@ -109,3 +109,25 @@ def test_a_worker_restarted_by_torchrun_resumes_by_itself(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     wa, wb = _weights(straight), _weights(restarted)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_processes_stream_shards(tmp_path):
+    """data.name=shards under torchrun: each rank streams its half; the run completes."""
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(32):
+        img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "images" / f"{i:02d}.png")
+    shards = write_shards(tmp_path / "images", tmp_path / "shards", shard_size=5)
+    run = tmp_path / "run"
+    extra = [f"data.root={shards}", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
+    args = [a for a in tiny_overrides(run) if not a.startswith("data.")]
+    _mimkit(["pretrain", "-c", str(DEMO), *args, "data.name=shards", *extra, *MASKS,
+             "train.batch_size=4"], nproc=2)  # fmt: skip
+    assert len(_losses(run)) == 4  # 2 epochs x (16 samples per rank / 4) steps, every 2nd logged
+    assert (run / "encoder.safetensors").is_file()

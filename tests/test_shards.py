@@ -242,3 +242,46 @@ def test_flat_folder_is_unlabeled(tmp_path):
     ref = ImageFolder(flat, channels=1)
     assert [_key(img) for img, _ in got] == [_key(ref[i][0]) for i in range(6)]
     assert {label for _, label in got} == {-1}
+
+
+# ---- pretraining from shards (data.name=shards) ----
+
+
+def _shard_cfg(run, shards, **extra):
+    from mimkit.config import load_config
+    from tests.conftest import DEMO, tiny_overrides
+
+    args = [a for a in tiny_overrides(run) if not a.startswith("data.")]
+    values = {"data.name": "shards", "data.root": str(shards), "data.mean": "[0.5,0.5,0.5]",
+              "data.std": "[0.25,0.25,0.25]", "data.shuffle_buffer": 6,
+              "mask.strategy": "blockwise", "mask.num_masked": 10, "mask.min_block": 2,
+              "train.batch_size": 4, **extra}  # fmt: skip
+    return load_config(DEMO, args + [f"{k}={v}" for k, v in values.items()])
+
+
+def test_pretraining_streams_shards_and_resumes_mid_epoch_exactly(folder, tmp_path):
+    from mimkit.engine import checkpoint as ckpt
+    from mimkit.tasks.pretrain import run_pretrain
+
+    out = write_shards(folder, tmp_path / "shards", shard_size=5)
+    res = run_pretrain(_shard_cfg(tmp_path / "a", out))
+    assert res.train.step == 2 * (24 // 4) and (tmp_path / "a" / "encoder.safetensors").is_file()
+    assert (tmp_path / "a" / "figures" / "reconstruction.png").is_file()
+    run_pretrain(_shard_cfg(tmp_path / "b", out, **{"train.max_steps": 4}))  # mid-epoch 0
+    resumed = run_pretrain(_shard_cfg(tmp_path / "b", out), resume=True)
+    assert resumed.train.step == res.train.step
+    a = ckpt.load_weights(tmp_path / "a" / "encoder.safetensors")[0]
+    b = ckpt.load_weights(tmp_path / "b" / "encoder.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_config_errors_name_the_key(folder, tmp_path):
+    from mimkit.config import ConfigError
+
+    out = write_shards(folder, tmp_path / "shards", shard_size=5)
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        _shard_cfg(tmp_path / "r", folder)  # a folder, not shards
+    with pytest.raises(ConfigError, match=r"data\.mean"):
+        _shard_cfg(tmp_path / "r", out, **{"data.mean": "null"})
+    with pytest.raises(ConfigError, match=r"data\.max_samples"):
+        _shard_cfg(tmp_path / "r", out, **{"data.max_samples": 8})

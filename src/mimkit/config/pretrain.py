@@ -48,8 +48,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "folder"  # fashion_mnist | folder | synthetic
-    root: str = "data/train"  # fashion_mnist: the folder of its four IDX files
+    name: str = "folder"  # fashion_mnist | folder | synthetic | shards (pretraining only)
+    root: str = "data/train"  # fashion_mnist: its four IDX files; shards: `mimkit data shard`'s
     split: str = "train"  # fashion_mnist: train | test
     max_samples: int | None = None  # use the first N samples (smoke runs)
     mean: list[float] | None = None  # null: the dataset's own statistics
@@ -58,6 +58,7 @@ class DataConfig:
     hflip: float = 0.5
     num_workers: int = 0
     synthetic_size: int = 256  # number of images of the synthetic dataset
+    shuffle_buffer: int = 1000  # shards: samples held in the streaming shuffle buffer
 
 
 @dataclass
@@ -226,7 +227,9 @@ def validate(cfg: PretrainConfig) -> None:
 
     _validate_masking(cfg)
 
-    validate_data(d, in_chans=m.in_chans)
+    validate_data(d, in_chans=m.in_chans, streaming=True)
+    if d.name == "shards":
+        _validate_shards(cfg)
     validate_optim(o, t)
     validate_train(t)
     validate_run(cfg.run)
@@ -236,14 +239,14 @@ def validate(cfg: PretrainConfig) -> None:
     positive("eval.knn.batch_size", knn.batch_size)
     if knn.pool not in ("avg", "cls"):
         fail("eval.knn.pool", knn.pool, "one of ['avg', 'cls']")
-    if knn.enabled and d.name == "folder":
+    if knn.enabled and d.name in ("folder", "shards"):
         for key in ("train_root", "test_root"):
             root = getattr(knn, key)
             if root is None or not Path(root).is_dir():
                 fail(
                     f"eval.knn.{key}",
                     root,
-                    "a folder of class subfolders (k-NN on data.name=folder)",
+                    f"a folder of class subfolders (k-NN on data.name={d.name})",
                 )
     for key in ("train_samples", "test_samples"):
         if getattr(knn, key) is not None:
@@ -296,9 +299,27 @@ def _validate_masking(cfg: PretrainConfig) -> None:
             )
 
 
-def validate_data(d: DataConfig, *, in_chans: int, chans_key: str = "model.in_chans") -> None:
-    if d.name not in ("fashion_mnist", "folder", "synthetic"):
-        fail("data.name", d.name, "one of ['fashion_mnist', 'folder', 'synthetic']")
+def _validate_shards(cfg: PretrainConfig) -> None:
+    """``data.name=shards``: a shard directory with its manifest, explicit normalization."""
+    d = cfg.data
+    if not (Path(d.root) / "manifest.json").is_file():
+        fail("data.root", d.root, "a directory of shards with manifest.json (`mimkit data shard`)")
+    for key in ("mean", "std"):
+        if getattr(d, key) is None:
+            fail(f"data.{key}", None, "needed with data.name=shards (a stream has no statistics)")
+    if d.max_samples is not None:
+        fail("data.max_samples", d.max_samples, "not with data.name=shards (shard fewer images)")
+    positive("data.shuffle_buffer", d.shuffle_buffer)
+    if cfg.tokenizer.cache:
+        fail("tokenizer.cache", True, "not with data.name=shards (it needs indexable data)")
+
+
+def validate_data(
+    d: DataConfig, *, in_chans: int, chans_key: str = "model.in_chans", streaming: bool = False
+) -> None:
+    names = ["fashion_mnist", "folder", "synthetic", *(["shards"] if streaming else [])]
+    if d.name not in names:
+        fail("data.name", d.name, f"one of {names}")
     if d.name != "synthetic" and not Path(d.root).exists():
         hint = (
             " (install Debian's dataset-fashion-mnist, or point data.root at a folder with the four"

@@ -22,15 +22,13 @@ WebDataset's decoders; pickle-bearing members (``.pyd``, ``.pickle``, ``.pth`` .
 unread and counted; ``pipe:`` URLs run a shell command and are refused without
 ``allow_pipe=True``; other URL schemes are refused.
 
-Plugging into pretraining (not wired yet): a ``data.name: shards`` option would build
-``ShardStream(cfg.root, channels=in_chans, transform=transform, seed=run_seed)`` in place of
-``AugmentedView(dataset, transform, seed)``; the trainer would build its DataLoader without a
-sampler (batches are formed per worker), call ``stream.set_epoch(epoch)`` where it now calls
-``sampler.set_epoch`` (workers must not be persistent, so each epoch pickles the new epoch), and
-take ``len(stream) // batch_size`` as the steps of an epoch. Mid-epoch resume would restart the
-epoch: a ``set_start`` would have to skip, per worker, the batches the DataLoader already took
-from it. Skip counts live in the process that decodes (a worker's counts stay in the worker;
-every skip is logged).
+Pretraining (``data.name: shards``, ``data.root``: the shard directory) builds a
+``ShardStream`` in place of the folder's ``AugmentedView``; the trainer builds its DataLoader
+without a sampler (each worker batches its own part), calls ``set_epoch`` every epoch and takes
+:meth:`ShardStream.batches_per_epoch` as the epoch's length. A run resumed mid-epoch re-reads the
+epoch and drops the batches it already trained on (the order is a function of seed and epoch,
+so it continues exactly). Skip counts live in the process that decodes (a worker's counts stay
+in the worker; every skip is logged).
 """
 
 from __future__ import annotations
@@ -376,6 +374,14 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         """Samples of this rank per epoch (fewer if some are skipped)."""
         return self.total // self.world_size
+
+    def batches_per_epoch(self, batch_size: int, num_workers: int = 0) -> int:
+        """Full batches a DataLoader with ``num_workers`` forms from this rank's part per epoch
+        (each worker batches its own part; its last partial batch is dropped)."""
+        workers = max(num_workers, 1)
+        per_rank = len(self)
+        parts = [per_rank * (w + 1) // workers - per_rank * w // workers for w in range(workers)]
+        return sum(p // batch_size for p in parts)
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> list[tuple[Shard, int, int]]:
         """This epoch's ``(shard, start, stop)`` sample ranges for one worker of this rank."""

@@ -11,16 +11,18 @@ schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from mimkit.config import ConfigError, OptimConfig, TrainConfig
@@ -82,12 +84,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Runs a :class:`Task` over an :class:`AugmentedView` for ``train.epochs`` epochs."""
+    """Runs a :class:`Task` over an :class:`AugmentedView` for ``train.epochs`` epochs.
+
+    ``data`` may also be a stream (an ``IterableDataset`` with ``set_epoch``, ``len`` per rank
+    and ``batches_per_epoch(batch_size, num_workers)``, such as
+    :class:`~mimkit.data.shards.ShardStream`): it splits itself over ranks and loader workers;
+    a resumed epoch re-reads the stream and drops the batches already trained on.
+    """
 
     def __init__(
         self,
         task: Task,
-        data: AugmentedView,
+        data: AugmentedView | IterableDataset,
         *,
         optim: OptimConfig,
         train: TrainConfig,
@@ -101,7 +109,18 @@ class Trainer:
         self.task, self.data, self.optim_cfg, self.cfg = task, data, optim, train
         self.run_dir, self.device, self.seed = Path(run_dir), device, seed
         self.on_epoch_end = on_epoch_end
-        self.sampler = ResumableSampler(len(data), seed=seed, rank=rank(), world_size=world_size())
+        # a stream (IterableDataset: tar shards) splits itself over ranks and workers
+        self.streaming = isinstance(data, IterableDataset)
+        self.sampler = None
+        if self.streaming:
+            per_rank = len(data)
+            self.batches_per_epoch = data.batches_per_epoch(train.batch_size, num_workers)
+        else:
+            self.sampler = ResumableSampler(
+                len(data), seed=seed, rank=rank(), world_size=world_size()
+            )
+            per_rank = self.sampler.per_rank
+            self.batches_per_epoch = per_rank // train.batch_size
         self.loader = make_loader(
             data,
             batch_size=train.batch_size,
@@ -111,11 +130,10 @@ class Trainer:
             seed=seed,
             collate_fn=collate_fn,
         )
-        self.batches_per_epoch = self.sampler.per_rank // train.batch_size
         self.steps_per_epoch = self.batches_per_epoch // optim.accum_steps
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"an epoch of {self.sampler.per_rank} samples gives no optimizer step with "
+                f"an epoch of {per_rank} samples gives no optimizer step with "
                 f"train.batch_size={train.batch_size} and optim.accum_steps={optim.accum_steps}"
             )
         if train.steps:  # a budget in steps: the last epoch may end early
@@ -231,10 +249,14 @@ class Trainer:
         history: list[dict] = []
         while self.epoch < self.num_epochs and self.step < self.max_steps:
             self.data.set_epoch(self.epoch)
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.set_start(self.batch_in_epoch * cfg.batch_size)
+            batches: Iterable[Any] = self.loader
+            if self.streaming:  # a resumed epoch re-reads, and drops, the batches already seen
+                batches = itertools.islice(self.loader, self.batch_in_epoch, None)
+            else:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.batch_in_epoch * cfg.batch_size)
             loss_sum = torch.zeros((), device=self.device)
-            for batch in self.loader:
+            for batch in batches:
                 if self.batch_in_epoch >= self.steps_per_epoch * accum:
                     break  # a partial accumulation at the end of an epoch is dropped
                 if hasattr(self.task, "on_step"):
@@ -281,7 +303,9 @@ class Trainer:
                 if self.step >= self.max_steps:
                     break
             done = self.step >= self.total_steps  # the step budget may end an epoch early
-            if self.batch_in_epoch >= self.steps_per_epoch * accum or done:
+            # a stream may end its epoch early (skipped corrupt samples): the epoch is over
+            ended = self.streaming and self.step < self.max_steps
+            if self.batch_in_epoch >= self.steps_per_epoch * accum or done or ended:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 final = self.epoch >= self.num_epochs or done
                 if final or self.epoch % cfg.ckpt_every_epochs == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from mimkit.data import (
     build_dataset,
     dataset_stats,
 )
+from mimkit.data.shards import ShardStream
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
@@ -224,8 +226,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     run_dir, device = prepare_run(cfg, resume=resume)
 
     m = cfg.model
-    base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
-    mean, std = dataset_stats(cfg.data, base)
+    if cfg.data.name == "shards":  # streamed: the first images, for the figures
+        base = _shard_head(cfg, 8)
+        mean, std = list(cfg.data.mean), list(cfg.data.std)  # validated: given
+    else:
+        base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
+        mean, std = dataset_stats(cfg.data, base)
     if m.method == "beit":
         task, train_view, fig_path, draw = _beit_setup(cfg, base, mean, std, device, run_dir)
     else:
@@ -272,6 +278,27 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     return PretrainResult(run_dir, result, encoder_path, fig_path, knn)
 
 
+def _shard_head(cfg: PretrainConfig, n: int) -> list[tuple[torch.Tensor, int]]:
+    """The first ``n`` images of ``data.root``'s shards (in shard order, not shuffled)."""
+    stream = ShardStream(
+        cfg.data.root, channels=cfg.model.in_chans, shuffle=False, rank=0, world_size=1
+    )
+    return list(itertools.islice(iter(stream), n))
+
+
+def _training_view(cfg: PretrainConfig, base, transform):
+    """Training samples: a seeded view of the dataset, or the shards streamed (same seeding)."""
+    if cfg.data.name == "shards":
+        return ShardStream(
+            cfg.data.root,
+            channels=cfg.model.in_chans,
+            transform=transform,
+            seed=cfg.run.seed,
+            buffer_size=cfg.data.shuffle_buffer,
+        )
+    return AugmentedView(base, transform, seed=cfg.run.seed)
+
+
 def _mae_setup(cfg, base, mean, std, device, run_dir):
     """(task, training view, figure path, draw(epoch)) for MAE."""
     m, d, mk = cfg.model, cfg.data, cfg.mask
@@ -282,7 +309,7 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
         num_masked = mk.num_masked or n - num_visible(n, mk.ratio)
         sampler = MaskSampler("blockwise", grid, num_masked, min_block=mk.min_block)
         transform = WithMask(transform, sampler)
-    view = AugmentedView(base, transform, seed=cfg.run.seed)
+    view = _training_view(cfg, base, transform)
     model = build_mae(cfg).to(device)
     task = MAEPretrainTask(model, cfg, mean=mean, std=std)
     eval_tf = EvalTransform(m.img_size, mean, std)
@@ -321,14 +348,11 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
     n = grid[0] * grid[1]
     num_masked = mk.num_masked or max(1, round(mk.ratio * n))
     sampler = MaskSampler(mk.strategy, grid, num_masked, min_block=mk.min_block)
-    view = AugmentedView(
-        base,
-        BEiTTransform(
-            m.img_size, tok_size, mean, std, mask_fn=sampler, scale=d.crop_scale,
-            hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
-        ),
-        seed=cfg.run.seed,
+    transform = BEiTTransform(
+        m.img_size, tok_size, mean, std, mask_fn=sampler, scale=d.crop_scale,
+        hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
     )  # fmt: skip
+    view = _training_view(cfg, base, transform)
     if cfg.tokenizer.cache and tokenizer is not None:
         view = TokenCache(view, tokenizer, device=device)
     vocab = int(meta["vocab_size"]) if meta else None
@@ -337,7 +361,8 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
         model, cfg, tokenizer=tokenizer, tokenizer_meta=meta, mean=mean, std=std
     )
     path = run_dir / "figures" / "beit_predictions.png"
-    samples = [view[i][0] for i in range(min(8, len(view)))]
+    shown = AugmentedView(base, transform, seed=cfg.run.seed) if d.name == "shards" else view
+    samples = [shown[i][0] for i in range(min(8, len(shown)))]
 
     def draw(epoch: int) -> None:
         if tokenizer is None or not hasattr(tokenizer, "decode"):
@@ -360,6 +385,8 @@ def evaluate_knn(
     roots = {"train": k.train_root or cfg.data.root, "test": k.test_root or cfg.data.root}
     for split, limit in (("train", k.train_samples), ("test", k.test_samples)):
         data_cfg = dataclasses.replace(cfg.data, max_samples=limit, split=split, root=roots[split])
+        if data_cfg.name == "shards":  # validated: k-NN folders given
+            data_cfg = dataclasses.replace(data_cfg, name="folder")
         base = build_dataset(data_cfg, img_size=m.img_size, channels=m.in_chans, split=split)
         views.append(AugmentedView(base, tf, seed=cfg.run.seed))
     torch.manual_seed(cfg.run.seed)
