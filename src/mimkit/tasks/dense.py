@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from mimkit import __version__
 from mimkit.config import ConfigError, to_dict
 from mimkit.config.dense import DenseDataConfig, DetectConfig, SegmentConfig
 from mimkit.data.dense import CocoDetection, FashionMosaic, SegmentationFolder
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.trainer import Trainer, TrainResult
-from mimkit.tasks.downstream import LoadedEncoder, load_encoder
+from mimkit.tasks.downstream import LoadedEncoder, downstream_provenance, load_encoder
 
 __all__ = [
     "DenseData",
@@ -142,30 +141,17 @@ def dense_metadata(
     cfg: SegmentConfig | DetectConfig, loaded: LoadedEncoder, data: DenseData, *, kind: str
 ) -> dict[str, Any]:
     e = cfg.model
-    pre = loaded.weights.metadata if loaded.weights is not None else {}
-    return {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "kind": kind,
-        "method": e.method,
-        "init": e.init or "none",
-        "pretrain_method": pre.get("method", "none"),
-        "num_classes": data.num_classes,
-        "classes": list(data.classes),
-        "img_size": e.img_size,
-        "patch_size": e.patch_size,
-        "in_chans": e.in_chans,
-        "mean": data.mean,
-        "std": data.std,
-        "head": to_dict(cfg.head),
-        "dataset": cfg.data.name,
-        "max_steps": cfg.train.max_steps,
-        "epochs": cfg.train.epochs,
-        "includes_decoder": False,
-        "created": ckpt.created_now(),
-        "pretrain": ckpt.upstream_provenance(pre),
-        "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
-    }
+    meta = downstream_provenance(
+        kind, e, loaded, classes=data.classes, mean=data.mean, std=data.std,
+        dataset=cfg.data.name, epochs=cfg.train.epochs,
+    )  # fmt: skip
+    meta.update(
+        num_classes=data.num_classes,
+        head=to_dict(cfg.head),
+        max_steps=cfg.train.max_steps,
+        model_config={k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
+    )
+    return meta
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ __all__ = [
     "ClassifyData",
     "LoadedEncoder",
     "classify_data",
+    "downstream_provenance",
     "evaluate_classifier",
     "load_encoder",
     "pretraining_normalization",
@@ -176,4 +177,44 @@ def evaluate_classifier(
         "top5": 100.0 * correct5 / total,
         "loss": loss_sum / total,
         "num_images": total,
+    }
+
+
+def downstream_provenance(
+    kind: str,
+    e: EncoderConfig,
+    loaded: LoadedEncoder,
+    *,
+    classes,
+    mean,
+    std,
+    dataset: str,
+    epochs: int | None,
+) -> dict:
+    """The provenance every downstream checkpoint (classifier, probe, segmenter, detector)
+    records: what it is, its input, its data and budget, and under ``pretrain`` what it was
+    initialized from. Callers add their own fields."""
+    from mimkit import __version__
+    from mimkit.engine.checkpoint import created_now, upstream_provenance
+
+    pre = loaded.weights.metadata if loaded.weights is not None else {}
+    return {
+        "format": "mimkit",
+        "mimkit_version": __version__,
+        "kind": kind,
+        "method": e.method,
+        "init": e.init or "none",
+        "pretrain_method": pre.get("method", "none"),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "img_size": e.img_size,
+        "patch_size": e.patch_size,
+        "in_chans": e.in_chans,
+        "mean": mean,
+        "std": std,
+        "dataset": dataset,
+        "epochs": epochs,
+        "includes_decoder": False,
+        "created": created_now(),
+        "pretrain": upstream_provenance(pre),
     }

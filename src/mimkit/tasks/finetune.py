@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mimkit import __version__
 from mimkit.config import ConfigError, to_dict
 from mimkit.config.downstream import FinetuneConfig
 from mimkit.data import AugmentedView, EvalTransform, FinetuneTransform, sample_seed
@@ -31,6 +30,7 @@ from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models.heads import Classifier
 from mimkit.tasks.downstream import (
     classify_data,
+    downstream_provenance,
     evaluate_classifier,
     load_encoder,
     pretraining_normalization,
@@ -155,32 +155,20 @@ def build_classifier(cfg: FinetuneConfig, *, num_classes: int) -> tuple[Classifi
 def _classifier_metadata(cfg, loaded, data, num_classes: int) -> dict[str, Any]:
     e = cfg.model
     pre = loaded.weights.metadata if loaded.weights is not None else {}
-    return {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "kind": "classifier",
-        "layout": "timm-classifier",
-        "method": e.method,
-        "init": e.init or "none",
-        "pretrain_method": pre.get("method", "none"),
-        "pretrain_target": pre.get("target", "none"),
-        "num_classes": num_classes,
-        "classes": list(data.classes),
-        "pool": e.pool,
-        "img_size": e.img_size,
-        "patch_size": e.patch_size,
-        "in_chans": e.in_chans,
-        "mean": data.mean,
-        "std": data.std,
-        "label_fraction": cfg.data.label_fraction,
-        "dataset": cfg.data.name,
-        "epochs": cfg.train.epochs,
-        "includes_decoder": False,
-        "created": ckpt.created_now(),
-        "pretrain": ckpt.upstream_provenance(pre),
+    meta = downstream_provenance(
+        "classifier", e, loaded, classes=data.classes, mean=data.mean, std=data.std,
+        dataset=cfg.data.name, epochs=cfg.train.epochs,
+    )  # fmt: skip
+    meta.update(
+        layout="timm-classifier",
+        pretrain_target=pre.get("target", "none"),
+        num_classes=num_classes,
+        pool=e.pool,
+        label_fraction=cfg.data.label_fraction,
         # the encoder's architecture (no decoder: a classifier has none)
-        "model_config": {k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
-    }
+        model_config={k: v for k, v in to_dict(e.model_config()).items() if k != "decoder"},
+    )
+    return meta
 
 
 def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult:

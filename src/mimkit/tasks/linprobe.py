@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mimkit import __version__
 from mimkit.config.downstream import LinprobeConfig, ProbeConfig
 from mimkit.data import AugmentedView, EvalTransform
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
 from mimkit.engine.rundir import prepare_run
-from mimkit.tasks.downstream import classify_data, load_encoder
+from mimkit.tasks.downstream import classify_data, downstream_provenance, load_encoder
 
 __all__ = ["LinearProbes", "LinprobeResult", "block_features", "run_linprobe", "train_probes"]
 
@@ -306,29 +305,20 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         run_dir / "probe.safetensors",
         state,
         {
-            "format": "mimkit",
-            "mimkit_version": __version__,
-            "kind": "linear_probe",
-            "method": e.method,
+            **downstream_provenance(
+                "linear_probe",
+                e,
+                loaded,
+                classes=data.classes,
+                mean=data.mean,
+                std=data.std,
+                dataset=cfg.data.name,
+                epochs=p.epochs,
+            ),
             "block": layers[best] + 1,
             "pool": p.pool,
             "last_blocks": p.last_blocks,
-            "init": e.init or "none",
             "top1": result.top1,
-            "num_classes": len(data.classes),
-            "classes": list(data.classes),
-            "img_size": e.img_size,
-            "patch_size": e.patch_size,
-            "in_chans": e.in_chans,
-            "mean": data.mean,
-            "std": data.std,
-            "dataset": cfg.data.name,
-            "epochs": p.epochs,
-            "includes_decoder": False,
-            "created": ckpt.created_now(),
-            "pretrain": ckpt.upstream_provenance(
-                loaded.weights.metadata if loaded.weights is not None else None
-            ),
         },
     )
     if len(layers) > 1:
