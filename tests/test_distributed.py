@@ -18,6 +18,7 @@ import torch
 
 from mimkit.engine import checkpoint as ckpt
 from tests.conftest import DEMO, tiny_overrides
+from tests.test_dense_tasks import fmnist  # noqa: F401  (a fixture: a Fashion-MNIST-like folder)
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built in"
@@ -131,3 +132,15 @@ def test_two_processes_stream_shards(tmp_path):
              "train.batch_size=4"], nproc=2)  # fmt: skip
     assert len(_losses(run)) == 4  # 2 epochs x (16 samples per rank / 4) steps, every 2nd logged
     assert (run / "encoder.safetensors").is_file()
+
+
+def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path, fmnist):  # noqa: F811
+    """Only pretraining runs under torchrun so far; the others say so instead of hanging."""
+    from tests.test_dense_tasks import SCRATCH, SEG, _args
+
+    args = _args(tmp_path / "run", fmnist, "null", **{**SCRATCH, "model.depth": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mimkit.cli", "segment", "-c", str(SEG), *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "only `mimkit pretrain` is data-parallel" in proc.stderr

@@ -91,6 +91,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     paths, src_format = list(args.paths), args.src_format
     if len(paths) == 3 and paths[0] == "dalle":  # the older spelling: convert dalle SRC DST
+        if src_format not in ("auto", "dalle"):
+            raise ConfigError(
+                f"`convert dalle SRC DST` reads DALL-E pickles, not --from {src_format}"
+            )
         paths, src_format = paths[1:], "dalle"
     if len(paths) != 2:
         raise ConfigError(f"convert takes IN and OUT, got {len(paths)} path(s): {paths}")

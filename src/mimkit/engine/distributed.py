@@ -12,6 +12,7 @@ logs, writes checkpoints and figures, and evaluates.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -82,7 +83,12 @@ def init_distributed(device_name: str) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # rank 0 evaluates alone while the others wait in the next collective: allow for it
+        dist.init_process_group(
+            backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=datetime.timedelta(hours=2),
+        )
     return device
 
 
@@ -132,9 +138,16 @@ class DataParallelModel(DistributedDataParallel):
     that every training step made one (:attr:`calls`).
     """
 
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False
+    ) -> None:
         ids = [device] if device.type == "cuda" else None
-        super().__init__(module, device_ids=ids, broadcast_buffers=True)
+        super().__init__(
+            module,
+            device_ids=ids,
+            broadcast_buffers=True,
+            find_unused_parameters=find_unused_parameters,
+        )
         self.calls = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

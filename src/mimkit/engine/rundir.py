@@ -11,7 +11,7 @@ import yaml
 
 from mimkit.config import ConfigError, save_config, to_dict
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import barrier, init_distributed, is_main, rank
+from mimkit.engine.distributed import barrier, init_distributed, is_main, rank, world_size
 
 __all__ = ["RESUMABLE_CHANGES", "prepare_run", "restarted_with_checkpoint"]
 
@@ -27,7 +27,9 @@ def restarted_with_checkpoint(cfg: Any) -> bool:
     return ckpt.latest_checkpoint(Path(cfg.run.dir) / "checkpoints") is not None
 
 
-def prepare_run(cfg: Any, *, resume: bool) -> tuple[Path, torch.device]:
+def prepare_run(
+    cfg: Any, *, resume: bool, single_process: str | None = None
+) -> tuple[Path, torch.device]:
     """Validate the run directory for a fresh run or a resume, seed, and write ``config.yaml``.
 
     Under torchrun, joins the process group first; rank 0 writes, the others wait for it.
@@ -35,13 +37,18 @@ def prepare_run(cfg: Any, *, resume: bool) -> tuple[Path, torch.device]:
     A fresh run refuses a ``run.dir`` that already holds checkpoints; a resume needs a complete
     checkpoint and the saved config, except :data:`RESUMABLE_CHANGES`. Returns (run dir, device).
     """
+    if single_process and world_size() > 1:
+        raise ConfigError(
+            f"{single_process} runs in one process for now (only `mimkit pretrain` is "
+            "data-parallel under torchrun): start it without torchrun"
+        )
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
         if ckpt.latest_checkpoint(ckpt_root) is None:
             raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
         _check_resume_config(cfg, run_dir)
-    elif ckpt_root.exists() and any(ckpt_root.iterdir()):
+    elif ckpt_root.exists() and any(not p.name.startswith(".") for p in ckpt_root.iterdir()):
         raise ConfigError(
             f"run.dir={str(run_dir)!r} already holds checkpoints: pass --resume to continue that "
             "run, or choose another run.dir"

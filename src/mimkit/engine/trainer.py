@@ -146,7 +146,10 @@ class Trainer:
         self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
         self.optimizer = build_optimizer(optim, task.model)
         # several processes (torchrun): DDP around the task's model, swapped in for each step
-        self.ddp = DataParallelModel(task.model, device) if world_size() > 1 else None
+        self.ddp = None
+        if world_size() > 1:  # tasks whose steps leave parameters unused say so (dense heads)
+            unused = bool(getattr(task, "find_unused_parameters", False))
+            self.ddp = DataParallelModel(task.model, device, find_unused_parameters=unused)
         self.autocast = train.precision == "bf16"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
@@ -208,6 +211,19 @@ class Trainer:
         self._saved_step = self.step
         return True
 
+    def _in_step(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """The epoch's batches; several ranks streaming shards stop together at the first rank
+        whose stream ran out (skipped samples make a rank's epoch shorter)."""
+        if not (self.streaming and self.ddp is not None):
+            yield from batches
+            return
+        it = iter(batches)
+        while True:
+            batch = next(it, None)
+            if not all_agree(batch is not None, self.device):
+                return
+            yield batch
+
     @contextlib.contextmanager
     def _micro_step(self, sync: bool) -> Iterator[None]:
         """Around a micro-step's forward and backward: with several ranks, the task's model is
@@ -256,7 +272,7 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch)
                 self.sampler.set_start(self.batch_in_epoch * cfg.batch_size)
             loss_sum = torch.zeros((), device=self.device)
-            for batch in batches:
+            for batch in self._in_step(batches):
                 if self.batch_in_epoch >= self.steps_per_epoch * accum:
                     break  # a partial accumulation at the end of an epoch is dropped
                 if hasattr(self.task, "on_step"):
@@ -303,8 +319,11 @@ class Trainer:
                 if self.step >= self.max_steps:
                     break
             done = self.step >= self.total_steps  # the step budget may end an epoch early
-            # a stream may end its epoch early (skipped corrupt samples): the epoch is over
+            # a stream may end its epoch early (skipped corrupt samples): the epoch is over, and
+            # a partial accumulation is dropped
             ended = self.streaming and self.step < self.max_steps
+            if ended and self.batch_in_epoch % accum:
+                self.optimizer.zero_grad(set_to_none=True)
             if self.batch_in_epoch >= self.steps_per_epoch * accum or done or ended:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 final = self.epoch >= self.num_epochs or done
@@ -313,7 +332,8 @@ class Trainer:
                 if self.on_epoch_end is not None and show:
                     self.on_epoch_end(self.epoch, final)
         bar.close()
-        stopped_early = self.step < self.total_steps
+        # stopped by train.max_steps with epochs left (a stream's short epochs are not a stop)
+        stopped_early = self.epoch < self.num_epochs and self.step < self.total_steps
         if stopped_early:
             self.save()  # stopped by max_steps: keep the exact place to resume from
         self.logger.close()

@@ -145,7 +145,7 @@ def evaluate_detector(
 def run_detect(cfg: DetectConfig, *, resume: bool = False) -> DenseResult:
     """Train and evaluate a detector as ``cfg`` says; write everything to ``cfg.run.dir``."""
     e, d, h = cfg.model, cfg.data, cfg.head
-    run_dir, device = prepare_run(cfg, resume=resume)
+    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit detect")
     mean, std = pretraining_normalization(e.init)
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
     model, loaded = build_detector_from_config(

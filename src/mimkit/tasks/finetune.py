@@ -179,7 +179,7 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             f"train.batch_size={cfg.train.batch_size} must be even with Mixup/CutMix "
             "(or set aug.mixup=0 aug.cutmix=0)"
         )
-    run_dir, device = prepare_run(cfg, resume=resume)
+    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit finetune")
     # normalization: the pretraining's, so the encoder sees what it was trained on
     mean, std = pretraining_normalization(e.init)  # read from the header only
     data = classify_data(

@@ -144,7 +144,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
     from mimkit.engine.rundir import prepare_run
     from mimkit.tasks.downstream import classify_data, load_encoder
 
-    run_dir, device = prepare_run(cfg, resume=False)
+    run_dir, device = prepare_run(cfg, resume=False, single_process="mimkit knn")
     e, k = cfg.model, cfg.knn
     loaded = load_encoder(e)
     for note in loaded.notes:

@@ -181,7 +181,7 @@ class LinprobeResult:
 
 def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     """Linear probe as ``cfg`` says; writes eval.json, probe.safetensors, metrics and a figure."""
-    run_dir, device = prepare_run(cfg, resume=False)
+    run_dir, device = prepare_run(cfg, resume=False, single_process="mimkit linprobe")
     e, p = cfg.model, cfg.probe
     loaded = load_encoder(e)
     encoder = loaded.encoder.to(device)

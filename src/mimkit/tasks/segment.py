@@ -152,7 +152,7 @@ def evaluate_segmenter(
 def run_segment(cfg: SegmentConfig, *, resume: bool = False) -> DenseResult:
     """Train and evaluate a segmenter as ``cfg`` says; write everything to ``cfg.run.dir``."""
     e, d = cfg.model, cfg.data
-    run_dir, device = prepare_run(cfg, resume=resume)
+    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit segment")
     mean, std = pretraining_normalization(e.init)  # the encoder sees what it was trained on
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
     model, loaded = build_segmenter(cfg, num_classes=data.num_classes)
