@@ -28,7 +28,8 @@ from mimkit.config import ConfigError, PretrainConfig, load_config, to_dict
 from mimkit.config import validate as validate_pretrain
 from mimkit.engine import perf
 from mimkit.engine.perf import Workload
-from mimkit.masking import Mask, MaskSampler, mask_from_bool, num_visible
+from mimkit.masking import Mask, mask_from_bool
+from mimkit.tasks.pretrain import mask_sampler
 
 __all__ = [
     "BenchConfig",
@@ -141,20 +142,6 @@ class BenchResult:
 # ---- the workloads: ours, Hugging Face's, MAE on the full sequence ----
 
 
-def _mask_sampler(cfg: PretrainConfig) -> MaskSampler | None:
-    """The pipeline's mask sampler as ``mimkit pretrain`` builds it; None: MAE's in-step masks."""
-    m, mk = cfg.model, cfg.mask
-    grid = (m.img_size // m.patch_size,) * 2
-    n = grid[0] * grid[1]
-    if m.method == "beit":
-        k = mk.num_masked or max(1, round(mk.ratio * n))
-        return MaskSampler(mk.strategy, grid, k, min_block=mk.min_block)
-    if mk.strategy == "blockwise":  # as many as random masking hides
-        k = mk.num_masked or n - num_visible(n, mk.ratio)
-        return MaskSampler("blockwise", grid, k, min_block=mk.min_block)
-    return None
-
-
 def _tokenizer_meta(cfg: PretrainConfig) -> dict[str, Any]:
     """The tokenizer file's metadata (vocabulary, image size) when it exists; never its weights."""
     from safetensors import SafetensorError
@@ -186,7 +173,7 @@ def _inputs(cfg: PretrainConfig, batch: int, vocab: int | None, device) -> _Inpu
     m = cfg.model
     g = torch.Generator().manual_seed(cfg.run.seed)
     imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, generator=g)
-    sampler = _mask_sampler(cfg)
+    sampler = mask_sampler(cfg)
     mask = torch.stack([sampler(g) for _ in range(batch)]) if sampler else None
     n = (m.img_size // m.patch_size) ** 2
     ids = torch.randint(vocab, (batch, n), generator=g) if vocab else None
@@ -330,7 +317,7 @@ def data_throughput(
     m, d = cfg.model, cfg.data
     base = md.build_dataset(d, img_size=m.img_size, channels=m.in_chans)
     mean, std = md.dataset_stats(d, base)
-    sampler = _mask_sampler(cfg)
+    sampler = mask_sampler(cfg)
     if m.method == "beit":
         tf = md.BEiTTransform(m.img_size, tokenizer_size or m.img_size, mean, std, mask_fn=sampler,
                              scale=d.crop_scale, hflip=d.hflip,

@@ -146,10 +146,7 @@ class Trainer:
         self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
         self.optimizer = build_optimizer(optim, task.model)
         # several processes (torchrun): DDP around the task's model, swapped in for each step
-        self.ddp = None
-        if world_size() > 1:  # tasks whose steps leave parameters unused say so (dense heads)
-            unused = bool(getattr(task, "find_unused_parameters", False))
-            self.ddp = DataParallelModel(task.model, device, find_unused_parameters=unused)
+        self.ddp = DataParallelModel(task.model, device) if world_size() > 1 else None
         self.autocast = train.precision == "bf16"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)

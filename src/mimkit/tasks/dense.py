@@ -53,10 +53,6 @@ class DenseTask:
     checkpoint, provenance metadata, and a per-step callback (periodic evaluation). Subclasses
     give ``name`` and ``step``."""
 
-    # under DDP: heads that read a few blocks, and Mask R-CNN's losses, may leave parameters
-    # without gradients in a step
-    find_unused_parameters = True
-
     def __init__(self, model: torch.nn.Module, *, metadata: dict[str, Any]) -> None:
         self.model, self._meta = model, metadata
         self.device = next(model.parameters()).device

@@ -278,6 +278,22 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     return PretrainResult(run_dir, result, encoder_path, fig_path, knn)
 
 
+def mask_sampler(cfg: PretrainConfig) -> MaskSampler | None:
+    """The data pipeline's mask sampler: BEiT's (blockwise or random, ``num_masked`` or
+    ``ratio``), MAE's blockwise one (as many as random masking hides); None for MAE's random
+    masks, drawn inside the step."""
+    m, mk = cfg.model, cfg.mask
+    grid = (m.img_size // m.patch_size,) * 2
+    n = grid[0] * grid[1]
+    if m.method == "beit":
+        k = mk.num_masked or max(1, round(mk.ratio * n))
+        return MaskSampler(mk.strategy, grid, k, min_block=mk.min_block)
+    if mk.strategy == "blockwise":
+        k = mk.num_masked or n - num_visible(n, mk.ratio)
+        return MaskSampler("blockwise", grid, k, min_block=mk.min_block)
+    return None
+
+
 def _shard_head(cfg: PretrainConfig, n: int) -> list[tuple[torch.Tensor, int]]:
     """The first ``n`` images of ``data.root``'s shards (in shard order, not shuffled)."""
     stream = ShardStream(
@@ -301,13 +317,10 @@ def _training_view(cfg: PretrainConfig, base, transform):
 
 def _mae_setup(cfg, base, mean, std, device, run_dir):
     """(task, training view, figure path, draw(epoch)) for MAE."""
-    m, d, mk = cfg.model, cfg.data, cfg.mask
+    m, d = cfg.model, cfg.data
     transform = PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip)
-    if mk.strategy == "blockwise":  # masks from the pipeline, as many as random masking hides
-        grid = (m.img_size // m.patch_size,) * 2
-        n = grid[0] * grid[1]
-        num_masked = mk.num_masked or n - num_visible(n, mk.ratio)
-        sampler = MaskSampler("blockwise", grid, num_masked, min_block=mk.min_block)
+    sampler = mask_sampler(cfg)  # blockwise: masks from the pipeline
+    if sampler is not None:
         transform = WithMask(transform, sampler)
     view = _training_view(cfg, base, transform)
     model = build_mae(cfg).to(device)
@@ -327,7 +340,7 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
 
 def _beit_setup(cfg, base, mean, std, device, run_dir):
     """(task, training view, figure path, draw(epoch)) for BEiT; loads and checks the tokenizer."""
-    m, d, mk = cfg.model, cfg.data, cfg.mask
+    m, d = cfg.model, cfg.data
     grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
     tokenizer, meta, tok_size = None, None, m.img_size
     if cfg.target.kind == "tokens":
@@ -346,8 +359,8 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
                 f"model.in_chans={m.in_chans}"
             )
     n = grid[0] * grid[1]
-    num_masked = mk.num_masked or max(1, round(mk.ratio * n))
-    sampler = MaskSampler(mk.strategy, grid, num_masked, min_block=mk.min_block)
+    sampler = mask_sampler(cfg)
+    num_masked = sampler.num_masked
     transform = BEiTTransform(
         m.img_size, tok_size, mean, std, mask_fn=sampler, scale=d.crop_scale,
         hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
