@@ -144,3 +144,47 @@ def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path, fmnist):  # no
            "-m", "mimkit.cli", "segment", "-c", str(SEG), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "only `mimkit pretrain` is data-parallel" in proc.stderr
+
+
+FSDP = "train.parallel=fsdp"
+
+
+def test_fsdp_trains_like_one_process_and_resumes_exactly(tmp_path):
+    """FSDP2 over 2 ranks x 4 equals one process x 8; its checkpoint (full weights from rank 0,
+    the optimizer's shards written by both ranks with torch.distributed.checkpoint) resumes to
+    the bitwise weights of an uninterrupted FSDP run."""
+    one, two, split = tmp_path / "one", tmp_path / "two", tmp_path / "split"
+    _pretrain(one, batch=8)
+    _pretrain(two, FSDP, batch=4, nproc=2)
+    a, b = _losses(one), _losses(two)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    wa, wb = _weights(one), _weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    last = two / "checkpoints" / "ckpt-00000016"
+    shards = sorted(p.name for p in (last / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    state = ckpt.load_train_state(last)
+    assert "optimizer" not in state and state["parallel"] == "fsdp" and len(state["rng"]) == 2
+    full = ckpt.load_weights(last / "model.safetensors")[0]  # whole tensors, not shards
+    assert full["cls_token"].shape == (1, 1, 32), full["cls_token"].shape
+    assert not list((two / "checkpoints").glob(".*tmp"))
+
+    _pretrain(split, FSDP, "train.max_steps=5", batch=4, nproc=2)  # stops mid-epoch
+    _pretrain(split, FSDP, batch=4, nproc=2, resume=True)
+    wc = _weights(split)
+    assert all(torch.equal(wb[k], wc[k]) for k in wb)
+    assert _losses(split)[-1] == _losses(two)[-1]
+
+
+def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path):
+    run = tmp_path / "r"
+    _pretrain(run, "train.max_steps=3", batch=4, nproc=2)
+    args = ["pretrain", "-c", str(DEMO), *tiny_overrides(run), *MASKS, "train.batch_size=4", FSDP]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mimkit.cli", *args, "--resume"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "train.parallel='fsdp' differs from the run's saved value 'ddp'" in proc.stderr

@@ -134,6 +134,9 @@ class TrainConfig:
         None  # a budget in optimizer steps instead of epochs (the schedule spans it)
     )
     precision: str = "fp32"  # fp32 | bf16
+    # under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters,
+    # gradients and optimizer states sharded over the ranks)
+    parallel: str = "ddp"
     log_every_steps: int = 10
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
@@ -381,6 +384,8 @@ def validate_train(t: TrainConfig) -> None:
         positive("train.steps", t.steps)
     if t.precision not in ("fp32", "bf16"):
         fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
+    if t.parallel not in ("ddp", "fsdp"):
+        fail("train.parallel", t.parallel, "one of ['ddp', 'fsdp']")
     for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
         positive(f"train.{key}", getattr(t, key))
     if t.ckpt_every_steps is not None:

@@ -4,6 +4,8 @@ Layout of ``<run.dir>/checkpoints``::
 
     ckpt-00001200/model.safetensors   weights + provenance metadata (all string values)
     ckpt-00001200/state.pt            optimizer, step, epoch, sampler position, RNG states
+    ckpt-00001200/optimizer/          train.parallel=fsdp: the optimizer's shards, one file per
+                                      rank (torch.distributed.checkpoint), instead of state.pt's
     latest                            the name of the newest complete checkpoint
 
 A checkpoint directory is written under a temporary name and renamed into place, then ``latest``
@@ -30,6 +32,7 @@ __all__ = [
     "read_metadata",
     "save_checkpoint",
     "save_weights",
+    "staging_dir",
     "upstream_provenance",
 ]
 
@@ -92,6 +95,17 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def staging_dir(ckpt_root: str | Path, step: int, *, create: bool = True) -> Path:
+    """The temporary directory ``ckpt-{step:08d}/`` is written in (emptied when created)."""
+    root = Path(ckpt_root)
+    tmp = root / f".ckpt-{step:08d}.tmp"
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -100,14 +114,16 @@ def save_checkpoint(
     metadata: dict[str, Any],
     train_state: dict[str, Any],
     keep_last: int = 2,
+    staged: bool = False,
 ) -> Path:
-    """Write ``ckpt-{step:08d}/`` atomically, point ``latest`` at it, keep ``keep_last``."""
+    """Write ``ckpt-{step:08d}/`` atomically, point ``latest`` at it, keep ``keep_last``.
+
+    ``staged``: :func:`staging_dir` was created, and partly written (the optimizer's shards by
+    every rank), before this call; it is completed rather than emptied.
+    """
     root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:08d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(root, step, create=not staged)
     save_weights(tmp / "model.safetensors", weights, metadata)
     torch.save(train_state, tmp / "state.pt")
     _fsync(tmp / "state.pt")

@@ -8,12 +8,23 @@ initialized and everything below is a no-op: rank 0 of a world of 1.
 Data parallelism is torch's ``DistributedDataParallel`` (:class:`DataParallelModel`): parameters
 broadcast from rank 0 at wrapping, gradients averaged across ranks during backward. Rank 0 alone
 logs, writes checkpoints and figures, and evaluates.
+
+``train.parallel=fsdp`` shards parameters, gradients and optimizer states instead
+(:class:`FullyShardedModel`: FSDP2's ``fully_shard`` on every transformer block, then the whole
+model). The optimizer's shards are checkpointed with ``torch.distributed.checkpoint`` (every rank
+writes its own); rank 0 keeps a full copy of the weights only (no gradients or optimizer states),
+refreshed at checkpoints and epoch ends, for ``model.safetensors``, figures and evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime
+import itertools
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "DataParallelModel",
+    "FullyShardedModel",
     "all_agree",
     "all_gather_object",
     "barrier",
@@ -165,3 +177,76 @@ class DataParallelModel(DistributedDataParallel):
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.module.load_state_dict(*args, **kwargs)
+
+
+class FullyShardedModel:
+    """FSDP2 around a model, in place: ``fully_shard`` on each block, then on the whole model.
+
+    Every ``nn.ModuleList`` whose name ends in ``blocks`` (the encoder's and a decoder's
+    transformer blocks) gives one unit per block, gathered just before its forward and freed after
+    it; the rest (embeddings, norms, heads, shared relative position bias) is the root unit. The
+    ranks start from rank 0's weights (they were seeded apart). Build the optimizer after this:
+    its parameters are the shards (``DTensor``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():  # one initialization for all ranks (DDP broadcasts it too)
+            for t in itertools.chain(model.parameters(), model.buffers()):
+                dist.broadcast(t.data, src=0)
+        # rank 0's full copy of the weights (not sharded): checkpoints, figures, evaluation
+        self.replica = copy.deepcopy(model) if is_main() else None
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks"):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+        self.model, self.calls = model, 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no reduce-scatter) inside the block."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def gather(self) -> nn.Module | None:
+        """Collective: rank 0's full copy updated to the current weights, and returned (None on
+        the other ranks). Tensors are gathered one at a time."""
+        from torch.distributed.tensor import DTensor
+
+        full: dict[str, torch.Tensor] = {}
+        for k, v in self.model.state_dict().items():
+            t = v.full_tensor() if isinstance(v, DTensor) else v
+            if self.replica is not None:
+                full[k] = t
+        if self.replica is not None:
+            self.replica.load_state_dict(full, strict=True)
+        return self.replica
+
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+        """Collective: every rank writes its optimizer shards under ``path`` (DCP format)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, optimizer)}
+        dcp.save(state, checkpoint_id=str(path))
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+        """Collective: the optimizer shards written by :meth:`save_optimizer` (same world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, optimizer)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(self.model, optimizer, state["optimizer"])

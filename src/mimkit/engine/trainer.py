@@ -30,8 +30,10 @@ from mimkit.data import AugmentedView, ResumableSampler, make_loader
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import (
     DataParallelModel,
+    FullyShardedModel,
     all_agree,
     all_gather_object,
+    barrier,
     is_main,
     mean_across_ranks,
     rank,
@@ -144,9 +146,12 @@ class Trainer:
             self.num_epochs = train.epochs
         self.warmup_steps = round(optim.warmup_epochs * self.steps_per_epoch)
         self.max_steps = min(self.total_steps, train.max_steps or self.total_steps)
-        self.optimizer = build_optimizer(optim, task.model)
-        # several processes (torchrun): DDP around the task's model, swapped in for each step
-        self.ddp = DataParallelModel(task.model, device) if world_size() > 1 else None
+        # several processes (torchrun): DDP around the task's model, swapped in for each step;
+        # or FSDP2, sharding the model in place once a resume has loaded its weights
+        self.parallel = train.parallel if world_size() > 1 else "none"
+        self.ddp = DataParallelModel(task.model, device) if self.parallel == "ddp" else None
+        self.fsdp: FullyShardedModel | None = None
+        self.optimizer = None if self.parallel == "fsdp" else build_optimizer(optim, task.model)
         self.autocast = train.precision == "bf16"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
@@ -156,54 +161,99 @@ class Trainer:
     # ---- state ----
 
     def state_dict(self) -> dict[str, Any]:
-        """The training state; with several ranks, every rank's RNG state (a collective call)."""
+        """The training state; with several ranks, every rank's RNG state (a collective call).
+        Under FSDP the optimizer's shards are written apart (:meth:`save`)."""
         rng = _rng_state()
-        return {
-            "optimizer": self.optimizer.state_dict(),
+        state = {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng": rng if self.ddp is None else all_gather_object(rng),
+            "rng": rng if world_size() == 1 else all_gather_object(rng),
             "world_size": world_size(),
+            "parallel": self.parallel,
             "seed": self.seed,
         }
+        if self.fsdp is None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def _shard(self) -> None:
+        """Under ``train.parallel=fsdp``: shard the model (once), then build its optimizer."""
+        if self.parallel == "fsdp" and self.fsdp is None:
+            self.fsdp = FullyShardedModel(self.task.model)
+            self.optimizer = build_optimizer(self.optim_cfg, self.task.model)
+
+    @contextlib.contextmanager
+    def full_model(self) -> Iterator[None]:
+        """Every rank enters: under FSDP, rank 0's task sees the full weights inside (its full
+        copy, refreshed: a collective call); otherwise nothing changes."""
+        if self.fsdp is None:
+            yield
+            return
+        replica, model = self.fsdp.gather(), self.task.model
+        if replica is not None:
+            self.task.model = replica
+        try:
+            yield
+        finally:
+            self.task.model = model
 
     def save(self) -> Path | None:
-        """A checkpoint of this step, written once (by rank 0); every rank must call it."""
+        """A checkpoint of this step, written once (by rank 0; under FSDP every rank writes its
+        optimizer shards); every rank must call it."""
         if self._saved_step == self.step:
             return None
         self._saved_step = self.step
         train_state = self.state_dict()
-        if not is_main():
-            return None
-        meta = {**self.task.metadata(), "step": self.step, "epoch": self.epoch}
-        return ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            weights=self.task.weights(),
-            metadata=meta,
-            train_state=train_state,
-            keep_last=self.cfg.keep_last,
-        )
+        if self.fsdp is not None:  # the optimizer's shards first, by every rank, in the staging
+            stage = ckpt.staging_dir(self.ckpt_root, self.step, create=is_main())
+            barrier()
+            self.fsdp.save_optimizer(self.optimizer, stage / "optimizer")
+            barrier()
+        with self.full_model():
+            if not is_main():
+                return None
+            meta = {**self.task.metadata(), "step": self.step, "epoch": self.epoch}
+            return ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                weights=self.task.weights(),
+                metadata=meta,
+                train_state=train_state,
+                keep_last=self.cfg.keep_last,
+                staged=self.fsdp is not None,
+            )
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
         path = ckpt.latest_checkpoint(self.ckpt_root)
         if path is None:
+            self._shard()
             return False
-        weights, _ = ckpt.load_weights(path / "model.safetensors")
-        self.task.load_weights(weights)
         state = ckpt.load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        rng, saved_world = state["rng"], int(state.get("world_size", 1))
+        saved_world = int(state.get("world_size", 1))
         if saved_world != world_size():
             raise ConfigError(
                 f"{path} was written by {saved_world} process(es), this run has {world_size()}: "
                 "resume with the same number of processes (the data order and RNG streams are "
                 "per rank)"
             )
+        saved = state.get("parallel", "ddp" if saved_world > 1 else "none")
+        if (saved == "fsdp") != (self.parallel == "fsdp"):
+            raise ConfigError(
+                f"{path} was written with train.parallel={saved}, this run has "
+                f"train.parallel={self.parallel}: resume with the same value"
+            )
+        weights, _ = ckpt.load_weights(path / "model.safetensors")
+        self.task.load_weights(weights)  # under FSDP, into the whole model before sharding
+        self._shard()
+        if self.fsdp is not None:
+            self.fsdp.load_optimizer(self.optimizer, path / "optimizer")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        rng = state["rng"]
         _set_rng_state(rng[rank()] if isinstance(rng, list) else rng)
         self._saved_step = self.step
         return True
@@ -224,19 +274,21 @@ class Trainer:
     @contextlib.contextmanager
     def _micro_step(self, sync: bool) -> Iterator[None]:
         """Around a micro-step's forward and backward: with several ranks, the task's model is
-        the DDP wrapper, and gradients are all-reduced only when ``sync`` (the last micro-batch
-        before an optimizer step: accumulation uses ``no_sync``)."""
-        if self.ddp is None:
+        the DDP wrapper (or is sharded by FSDP), and gradients are reduced only when ``sync``
+        (the last micro-batch before an optimizer step: accumulation uses ``no_sync``)."""
+        wrapper = self.ddp or self.fsdp
+        if wrapper is None:
             yield
             return
-        model, calls = self.task.model, self.ddp.calls
-        self.task.model = self.ddp
+        model, calls = self.task.model, wrapper.calls
+        if self.ddp is not None:
+            self.task.model = self.ddp
         try:
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with contextlib.nullcontext() if sync else wrapper.no_sync():
                 yield
         finally:
             self.task.model = model
-        if self.ddp.calls == calls:
+        if wrapper.calls == calls:
             raise RuntimeError(
                 f"{type(self.task).__name__}.step did not call its model: with several processes "
                 "only a call of the model (not of one of its methods) synchronizes gradients"
@@ -245,6 +297,9 @@ class Trainer:
     # ---- the loop ----
 
     def fit(self) -> TrainResult:
+        """Train to the end (or ``train.max_steps``). Under FSDP, rank 0's task holds the full
+        trained model afterwards (the other ranks' stays sharded)."""
+        self._shard()
         model, cfg, accum = self.task.model, self.cfg, self.optim_cfg.accum_steps
         model.train()
         show = is_main()
@@ -326,13 +381,19 @@ class Trainer:
                 final = self.epoch >= self.num_epochs or done
                 if final or self.epoch % cfg.ckpt_every_epochs == 0:
                     self.save()
-                if self.on_epoch_end is not None and show:
-                    self.on_epoch_end(self.epoch, final)
+                if self.on_epoch_end is not None:
+                    with self.full_model():
+                        if show:
+                            self.on_epoch_end(self.epoch, final)
         bar.close()
         # stopped by train.max_steps with epochs left (a stream's short epochs are not a stop)
         stopped_early = self.epoch < self.num_epochs and self.step < self.total_steps
         if stopped_early:
             self.save()  # stopped by max_steps: keep the exact place to resume from
+        if self.fsdp is not None:
+            replica = self.fsdp.gather()
+            if replica is not None:
+                self.task.model = replica
         self.logger.close()
         return TrainResult(self.step, self.epoch, last_loss, stopped_early, history)
 
@@ -349,6 +410,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.optim_cfg.clip_grad is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad)
+            if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+                norm = norm.full_tensor()
             finite = torch.isfinite(loss) & torch.isfinite(norm)
         else:
             finite = torch.isfinite(loss)

@@ -236,7 +236,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
         task, train_view, fig_path, draw = _beit_setup(cfg, base, mean, std, device, run_dir)
     else:
         task, train_view, fig_path, draw = _mae_setup(cfg, base, mean, std, device, run_dir)
-    model, d = task.model, cfg.data
+    d = cfg.data
 
     def on_epoch_end(epoch: int, final: bool) -> None:
         if final or epoch % cfg.train.figure_every_epochs == 0:
@@ -256,6 +256,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     if resume:
         trainer.resume()
     result = trainer.fit()
+    model = task.model  # under FSDP, rank 0's full copy of the trained model
 
     encoder_path = None
     knn: dict[str, KnnResult] = {}
@@ -331,7 +332,7 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
 
     def draw(epoch: int) -> None:
         save_reconstruction_figure(
-            model, imgs, path, mean=mean, std=std, seed=cfg.run.seed,
+            task.model, imgs, path, mean=mean, std=std, seed=cfg.run.seed,
             title=f"MAE reconstructions, epoch {epoch} (mask ratio {cfg.mask.ratio})",
         )  # fmt: skip
 
