@@ -157,10 +157,10 @@ def _tokenizer_meta(cfg: PretrainConfig) -> dict[str, Any]:
 
 def _optimizer(model: nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.AdamW, str]:
     """AdamW over the trainer's parameter groups (fused where torch has it, else foreach)."""
-    from mimkit.engine.optim import param_groups
+    from mimkit.engine.optim import adamw, param_groups
 
     o = cfg.optim
-    return perf.adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 class _Inputs(NamedTuple):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from mimkit.config import OptimConfig
 
 __all__ = [
+    "adamw",
     "build_optimizer",
     "cosine_lr",
     "layer_decay_param_groups",
@@ -94,12 +96,17 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         )
     else:
         groups = param_groups(model, cfg.weight_decay)
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-    )
+    return adamw(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)[0]
+
+
+def adamw(groups: list[dict], **kw: Any) -> tuple[torch.optim.AdamW, str]:
+    """AdamW, fused where torch has a fused kernel for these parameters (CPU and CUDA in fp32 and
+    bf16), else foreach (one kernel per op over all tensors, not a Python loop per tensor);
+    returns (optimizer, "fused" | "foreach"). ``benchmarks/optimizer_step.py`` times the three."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw), "fused"
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kw), "foreach"
 
 
 def cosine_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:

@@ -29,7 +29,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 __all__ = [
     "PeakMemory",
     "Workload",
-    "adamw",
     "count_flops",
     "device_name",
     "machine_facts",
@@ -136,15 +135,6 @@ class PeakMemory:
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
         else:
             self.peak_bytes = max(0, _maxrss_bytes() - self.start)
-
-
-def adamw(groups: list[dict], **kw: Any) -> tuple[torch.optim.AdamW, str]:
-    """AdamW, fused where torch has a fused kernel for these parameters, else foreach;
-    returns (optimizer, "fused" | "foreach")."""
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw), "fused"
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kw), "foreach"
 
 
 @dataclasses.dataclass
