@@ -660,6 +660,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a corrupt checkpoint or a non-finite loss: said, not traced
+        from mimkit.engine.checkpoint import CorruptCheckpointError
+        from mimkit.engine.trainer import NonFiniteLossError
+
+        if not isinstance(err, CorruptCheckpointError | NonFiniteLossError):
+            raise
+        print(f"mimkit: error: {err}", file=sys.stderr)
+        return 3 if isinstance(err, CorruptCheckpointError) else 4
     except KeyboardInterrupt:
         print("mimkit: interrupted", file=sys.stderr)
         return 130

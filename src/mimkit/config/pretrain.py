@@ -133,7 +133,11 @@ class TrainConfig:
     steps: int | None = (
         None  # a budget in optimizer steps instead of epochs (the schedule spans it)
     )
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    # a non-finite loss or gradient norm: stop (before the optimizer step; the last checkpoint
+    # stays intact) or skip that step, at most max_skipped_steps times in a run
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
     # under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters,
     # gradients and optimizer states sharded over the ranks)
     parallel: str = "ddp"
@@ -382,8 +386,12 @@ def validate_train(t: TrainConfig) -> None:
         positive("train.max_steps", t.max_steps)
     if t.steps is not None:
         positive("train.steps", t.steps)
-    if t.precision not in ("fp32", "bf16"):
-        fail("train.precision", t.precision, "one of ['fp32', 'bf16']")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        fail("train.precision", t.precision, "one of ['fp32', 'bf16', 'fp16']")
+    if t.on_nonfinite not in ("stop", "skip"):
+        fail("train.on_nonfinite", t.on_nonfinite, "one of ['stop', 'skip']")
+    if t.max_skipped_steps < 0:
+        fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "one of ['ddp', 'fsdp']")
     for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):

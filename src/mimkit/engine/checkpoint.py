@@ -6,15 +6,20 @@ Layout of ``<run.dir>/checkpoints``::
     ckpt-00001200/state.pt            optimizer, step, epoch, sampler position, RNG states
     ckpt-00001200/optimizer/          train.parallel=fsdp: the optimizer's shards, one file per
                                       rank (torch.distributed.checkpoint), instead of state.pt's
+    ckpt-00001200/checksums.json      SHA-256 and size of every file above
     latest                            the name of the newest complete checkpoint
 
-A checkpoint directory is written under a temporary name and renamed into place, then ``latest``
-is replaced atomically, so a crash never leaves a half-written checkpoint as the latest.
+A checkpoint directory is written under a temporary name (files fsynced, checksums last) and
+renamed into place, then ``latest`` is replaced atomically, so a crash never leaves a half-written
+checkpoint as the latest. Resuming verifies the checksums and falls back to the previous complete
+checkpoint when the newest is corrupt or truncated (:func:`checkpoints_newest_first`,
+:func:`verify_checkpoint`).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +30,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 __all__ = [
+    "CorruptCheckpointError",
+    "checkpoints_newest_first",
     "created_now",
     "latest_checkpoint",
     "load_train_state",
@@ -34,7 +41,15 @@ __all__ = [
     "save_weights",
     "staging_dir",
     "upstream_provenance",
+    "verify_checkpoint",
 ]
+
+CHECKSUMS = "checksums.json"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files are missing, truncated or changed since they were written."""
+
 
 # what a downstream checkpoint repeats of the pretraining it started from (under "pretrain")
 _UPSTREAM_KEYS = (
@@ -127,6 +142,7 @@ def save_checkpoint(
     save_weights(tmp / "model.safetensors", weights, metadata)
     torch.save(train_state, tmp / "state.pt")
     _fsync(tmp / "state.pt")
+    _write_checksums(tmp)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -140,16 +156,67 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None when there is none."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(ckpt_dir: Path) -> None:
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {
+        p.relative_to(ckpt_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in files
+    }
+    out = ckpt_dir / CHECKSUMS
+    out.write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
+    _fsync(out)
+
+
+def verify_checkpoint(ckpt_dir: str | Path, files: tuple[str, ...] | None = None) -> None:
+    """Check a checkpoint's files (all, or ``files``) against its ``checksums.json``; raise
+    :class:`CorruptCheckpointError` naming the file at fault. A checkpoint written before mimkit
+    recorded checksums is accepted as it is."""
+    ckpt_dir = Path(ckpt_dir)
+    listing = ckpt_dir / CHECKSUMS
+    if not listing.is_file():
+        return
+    try:
+        sums = json.loads(listing.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"{listing}: unreadable ({err})") from err
+    for name, want in sums.items():
+        if files is not None and name not in files:
+            continue
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CorruptCheckpointError(
+                f"{path}: {size} bytes, {want['bytes']} were written (truncated or changed)"
+            )
+        if _sha256(path) != want["sha256"]:
+            raise CorruptCheckpointError(f"{path}: SHA-256 differs from the one recorded")
+
+
+def _complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "state.pt").is_file()
+
+
+def checkpoints_newest_first(ckpt_root: str | Path) -> list[Path]:
+    """The complete checkpoint directories (both files in place; staging directories never
+    count), newest step first: what a resume tries, in order."""
     root = Path(ckpt_root)
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return (
-        path if (path / "model.safetensors").is_file() and (path / "state.pt").is_file() else None
-    )
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("ckpt-*") if p.is_dir() and _complete(p)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The newest complete checkpoint directory (``latest`` names it), or None."""
+    found = checkpoints_newest_first(ckpt_root)
+    return found[0] if found else None
 
 
 def load_train_state(ckpt_dir: str | Path, map_location: str = "cpu") -> dict[str, Any]:

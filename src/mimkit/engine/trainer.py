@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
@@ -57,6 +59,10 @@ class Task(Protocol):
     def weights(self) -> dict[str, torch.Tensor]: ...
     def load_weights(self, state: dict[str, torch.Tensor]) -> None: ...
     def metadata(self) -> dict[str, Any]: ...
+
+
+# what reading a damaged state.pt (torch.load) or model.safetensors raises
+_UNREADABLE = (OSError, RuntimeError, EOFError, ValueError, SafetensorError, UnpicklingError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -152,7 +158,12 @@ class Trainer:
         self.ddp = DataParallelModel(task.model, device) if self.parallel == "ddp" else None
         self.fsdp: FullyShardedModel | None = None
         self.optimizer = None if self.parallel == "fsdp" else build_optimizer(optim, task.model)
-        self.autocast = train.precision == "bf16"
+        self.autocast = train.precision in ("bf16", "fp16")
+        self.amp_dtype = torch.float16 if train.precision == "fp16" else torch.bfloat16
+        # fp16: the loss is scaled; steps whose gradients overflow are skipped by the scaler
+        self.scaler = torch.amp.GradScaler(device.type) if train.precision == "fp16" else None
+        self.skipped_steps = 0  # non-finite steps skipped by train.on_nonfinite=skip
+        self.amp_skipped_steps = 0  # fp16 steps skipped by the GradScaler (overflow)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -172,7 +183,11 @@ class Trainer:
             "world_size": world_size(),
             "parallel": self.parallel,
             "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
+            "amp_skipped_steps": self.amp_skipped_steps,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         if self.fsdp is None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -226,11 +241,11 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the newest complete checkpoint of ``run_dir``; False when there is none."""
-        path = ckpt.latest_checkpoint(self.ckpt_root)
-        if path is None:
+        found = ckpt.checkpoints_newest_first(self.ckpt_root)
+        if not found:
             self._shard()
             return False
-        state = ckpt.load_train_state(path)
+        path, state, weights = self._read_checkpoint(found)
         saved_world = int(state.get("world_size", 1))
         if saved_world != world_size():
             raise ConfigError(
@@ -244,7 +259,6 @@ class Trainer:
                 f"{path} was written with train.parallel={saved}, this run has "
                 f"train.parallel={self.parallel}: resume with the same value"
             )
-        weights, _ = ckpt.load_weights(path / "model.safetensors")
         self.task.load_weights(weights)  # under FSDP, into the whole model before sharding
         self._shard()
         if self.fsdp is not None:
@@ -253,10 +267,44 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         _set_rng_state(rng[rank()] if isinstance(rng, list) else rng)
         self._saved_step = self.step
         return True
+
+    @staticmethod
+    def _read_checkpoint(found: list[Path]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+        """(path, train state, weights) of the newest checkpoint that verifies and reads; a
+        corrupt or truncated one is reported and the previous one tried."""
+        problems = []
+        for path in found:
+            try:
+                ckpt.verify_checkpoint(path)
+                state = ckpt.load_train_state(path)
+                weights, _ = ckpt.load_weights(path / "model.safetensors")
+            except (
+                ckpt.CorruptCheckpointError,
+                OSError,
+                RuntimeError,
+                EOFError,
+                ValueError,
+            ) as err:
+                problems.append(f"{path.name}: {err}")
+                if is_main():
+                    print(f"mimkit: {path} is unusable ({err}); trying the previous checkpoint",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            if problems and is_main():
+                print(f"mimkit: resuming from {path} (the newer checkpoints are unusable)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            return path, state, weights
+        raise ckpt.CorruptCheckpointError(
+            f"no usable checkpoint in {found[0].parent}: " + "; ".join(problems)
+        )
 
     def _in_step(self, batches: Iterable[Any]) -> Iterator[Any]:
         """The epoch's batches; several ranks streaming shards stop together at the first rank
@@ -330,9 +378,10 @@ class Trainer:
                 if hasattr(self.task, "on_step"):
                     self.task.on_step(self.step, self.total_steps, self.steps_per_epoch)
                 with self._micro_step(sync=(self.batch_in_epoch + 1) % accum == 0):
-                    with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    with torch.autocast(self.device.type, self.amp_dtype, enabled=self.autocast):
                         out = self.task.step(batch)
-                    (out.loss / accum).backward()
+                    loss = out.loss / accum
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 loss_sum += out.loss.detach()
                 self.batch_in_epoch += 1
                 seen += cfg.batch_size
@@ -350,6 +399,11 @@ class Trainer:
                         "img_per_s": seen * world_size() / max(dt, 1e-9),
                         **{k: float(v) for k, v in out.logs.items()},
                     }
+                    if self.cfg.on_nonfinite == "skip":
+                        rec["skipped_steps"] = self.skipped_steps
+                    if self.scaler is not None:
+                        rec["amp_skipped_steps"] = self.amp_skipped_steps
+                        rec["loss_scale"] = self.scaler.get_scale()
                     self.logger.log(rec, step=self.step, prefix="train")
                     history.append({"step": self.step, **rec})
                     t0, seen = time.perf_counter(), 0
@@ -397,6 +451,32 @@ class Trainer:
         self.logger.close()
         return TrainResult(self.step, self.epoch, last_loss, stopped_early, history)
 
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        """A non-finite loss or gradient norm: stop (``train.on_nonfinite=stop``), or skip this
+        optimizer step (``skip``, at most ``train.max_skipped_steps`` times). A skipped step
+        still counts in the schedule, as GradScaler's skipped steps do."""
+        cfg, where = self.cfg, f"at step {self.step}, epoch {self.epoch}"
+        if cfg.on_nonfinite == "skip" and self.skipped_steps < cfg.max_skipped_steps:
+            self.skipped_steps += 1
+            if self.scaler is not None:
+                self.scaler.update()  # closes this step's unscale_
+            if is_main():
+                print(f"mimkit: non-finite loss or gradient {where}: step skipped "
+                      f"({self.skipped_steps} of at most {cfg.max_skipped_steps})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            return
+        limit = (
+            f"; train.on_nonfinite=skip had skipped {self.skipped_steps}, the most "
+            f"train.max_skipped_steps={cfg.max_skipped_steps} allows"
+            if cfg.on_nonfinite == "skip"
+            else " (train.on_nonfinite=skip skips such steps instead)"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient (loss {float(loss)}) {where}: the optimizer step was "
+            f"not taken; the last checkpoint is intact (try a lower optim.lr or set "
+            f"optim.clip_grad){limit}"
+        )
+
     def _optimizer_step(self, loss: torch.Tensor) -> float:
         lr = schedule_lr(
             getattr(self.optim_cfg, "schedule", "cosine"),
@@ -408,20 +488,24 @@ class Trainer:
         )
         set_lr(self.optimizer, lr)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
+        finite = torch.isfinite(loss)
         if self.optim_cfg.clip_grad is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad)
             if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of the global norm
                 norm = norm.full_tensor()
-            finite = torch.isfinite(loss) & torch.isfinite(norm)
-        else:
-            finite = torch.isfinite(loss)
+            if self.scaler is None:  # fp16: overflowing gradients are the scaler's to skip
+                finite = finite & torch.isfinite(norm)
         if not all_agree(finite, self.device):  # every rank skips, or none does
-            raise NonFiniteLossError(
-                f"non-finite loss ({float(loss)}) at step {self.step}, epoch {self.epoch}: the "
-                "optimizer step was not taken; the last checkpoint is intact (try a lower optim.lr "
-                "or set optim.clip_grad)"
-            )
-        self.optimizer.step()
+            self._nonfinite(loss)
+        elif self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+            self.amp_skipped_steps += int(self.scaler.get_scale() < scale)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if hasattr(self.task, "after_step"):

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from mimkit.engine.checkpoint import latest_checkpoint, load_weights, read_metadata
+from mimkit.engine.checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    read_metadata,
+    verify_checkpoint,
+)
 
 __all__ = ["EncoderWeights", "checkpoint_model_config", "find_checkpoint", "load_encoder_weights"]
 
@@ -46,6 +51,7 @@ def find_checkpoint(path: str | Path) -> Path:
             return p / name
     latest = latest_checkpoint(p / "checkpoints")
     if latest is not None:
+        verify_checkpoint(latest, files=("model.safetensors",))
         return latest / "model.safetensors"
     raise FileNotFoundError(
         f"{p}: no encoder.safetensors, model_best.safetensors, model.safetensors or complete "

@@ -1,0 +1,216 @@
+"""Faults injected on purpose: corrupt checkpoints, non-finite steps, fp16 overflow, hostile
+configs, and a process killed with SIGKILL at arbitrary moments. Nothing is lost: every run ends
+with the weights of an uninterrupted one, or stops with a clear message and its last good
+checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimkit.config import ConfigError, load_config
+from mimkit.engine import checkpoint as ckpt
+from mimkit.engine.trainer import NonFiniteLossError
+from mimkit.tasks import pretrain as P
+from tests.conftest import DEMO, tiny_overrides
+
+
+def _run(tmp_path, name, resume=False, **extra):
+    args = tiny_overrides(tmp_path / name, **{"run.deterministic": True, **extra})
+    return P.run_pretrain(load_config(DEMO, args), resume=resume)
+
+
+def _final(run) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+
+
+def _equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---- checkpoints: checksums, fallback ----
+
+
+def test_checkpoints_record_checksums_that_catch_truncation_and_bit_flips(tmp_path):
+    ckpt.save_checkpoint(
+        tmp_path, 1, weights={"w": torch.arange(1000.0)}, metadata={"method": "mae"},
+        train_state={"step": 1},
+    )  # fmt: skip
+    d = tmp_path / "ckpt-00000001"
+    sums = json.loads((d / "checksums.json").read_text())
+    assert set(sums) == {"model.safetensors", "state.pt"}
+    assert sums["state.pt"]["bytes"] == (d / "state.pt").stat().st_size
+    ckpt.verify_checkpoint(d)
+    _flip_a_byte(d / "model.safetensors")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"model\.safetensors: SHA-256"):
+        ckpt.verify_checkpoint(d)
+    ckpt.verify_checkpoint(d, files=("state.pt",))  # only the files asked for
+    (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:-10])
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"state\.pt: \d+ bytes, \d+ were"):
+        ckpt.verify_checkpoint(d, files=("state.pt",))
+
+
+def test_a_staging_directory_is_never_a_checkpoint(tmp_path):
+    """A kill during a save leaves only ``.ckpt-N.tmp``: never resumed from."""
+    ckpt.save_checkpoint(tmp_path, 1, weights={"w": torch.ones(2)}, metadata={},
+                         train_state={"step": 1})  # fmt: skip
+    stage = ckpt.staging_dir(tmp_path, 2)
+    (stage / "model.safetensors").write_bytes(b"half")
+    (stage / "state.pt").write_bytes(b"half")
+    assert [p.name for p in ckpt.checkpoints_newest_first(tmp_path)] == ["ckpt-00000001"]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    straight = tmp_path / "a"
+    _run(tmp_path, "a", **{"train.max_steps": 12})
+    _run(tmp_path, "b", **{"train.max_steps": 12, "train.ckpt_every_steps": 4})
+    run = tmp_path / "b"
+    assert [p.name for p in ckpt.checkpoints_newest_first(run / "checkpoints")] == [
+        "ckpt-00000012", "ckpt-00000008"]  # fmt: skip
+    _flip_a_byte(run / "checkpoints" / "ckpt-00000012" / "model.safetensors")
+    res = _run(tmp_path, "b", resume=True, **{"train.max_steps": 12, "train.ckpt_every_steps": 4})
+    assert "ckpt-00000012 is unusable" in capsys.readouterr().err
+    assert res.train.step == 12
+    assert _equal(_final(run), _final(straight))  # retrained 8 -> 12 exactly
+
+    # every checkpoint damaged: a clear error, exit status 3 from the CLI
+    for d in ckpt.checkpoints_newest_first(run / "checkpoints"):
+        (d / "state.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="no usable checkpoint"):
+        _run(tmp_path, "b", resume=True, **{"train.max_steps": 12, "train.ckpt_every_steps": 4})
+    from mimkit.cli import main
+
+    args = tiny_overrides(run, **{"run.deterministic": True, "train.max_steps": 12,
+                                  "train.ckpt_every_steps": 4})  # fmt: skip
+    assert main(["pretrain", "-c", str(DEMO), *args, "--resume"]) == 3
+    assert "no usable checkpoint" in capsys.readouterr().err
+
+
+# ---- numerical faults ----
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """MAE's step returns a NaN loss at its n-th call (1-based)."""
+    state = {"n": 0, "at": 3}
+    step = P.MAEPretrainTask.step
+
+    def faulty(self, batch):
+        out = step(self, batch)
+        state["n"] += 1
+        return out._replace(loss=out.loss * math.nan) if state["n"] == state["at"] else out
+
+    monkeypatch.setattr(P.MAEPretrainTask, "step", faulty)
+    return state
+
+
+def test_a_non_finite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path, nan_at_call):
+    with pytest.raises(NonFiniteLossError, match=r"at step 2, epoch 0.*train\.on_nonfinite=skip"):
+        _run(tmp_path, "s", **{"train.ckpt_every_steps": 1})
+    last = ckpt.latest_checkpoint(tmp_path / "s" / "checkpoints")
+    assert last.name == "ckpt-00000002"  # the steps before the fault
+    assert all(torch.isfinite(t).all() for t in _final(tmp_path / "s").values())
+
+
+def test_skip_mode_skips_and_counts_a_transient_fault(tmp_path, nan_at_call):
+    res = _run(tmp_path, "k", **{"train.on_nonfinite": "skip", "train.max_skipped_steps": 2,
+                                 "optim.clip_grad": 1.0})  # fmt: skip
+    assert res.train.step == 16 and math.isfinite(res.train.loss)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "k" / "checkpoints"))
+    assert state["skipped_steps"] == 1
+    rows = [r for r in _rows(tmp_path / "k") if r["kind"] == "train"]
+    assert rows[-1]["skipped_steps"] == 1
+
+
+def test_skip_mode_stops_after_its_limit(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="had skipped 3"):
+        _run(tmp_path, "l", **{"train.on_nonfinite": "skip", "train.max_skipped_steps": 3,
+                               "optim.lr": 1e30, "optim.warmup_epochs": 0})  # fmt: skip
+
+
+def test_fp16_with_a_grad_scaler_counts_its_skipped_steps_apart(tmp_path):
+    res = _run(tmp_path, "h", **{"train.precision": "fp16", "run.deterministic": False,
+                                 "optim.clip_grad": 1.0})  # fmt: skip
+    assert res.train.step == 16 and math.isfinite(res.train.loss)
+    state = ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path / "h" / "checkpoints"))
+    assert state["scaler"]["scale"] > 0 and state["skipped_steps"] == 0
+    rows = [r for r in _rows(tmp_path / "h") if r["kind"] == "train"]
+    assert rows[-1]["amp_skipped_steps"] == state["amp_skipped_steps"] >= 0
+    assert "loss_scale" in rows[-1]
+
+
+def test_bad_values_of_the_fault_keys_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.on_nonfinite"):
+        _run(tmp_path, "v", **{"train.on_nonfinite": "ignore"})
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        _run(tmp_path, "v", **{"train.precision": "fp8"})
+
+
+# ---- hostile input ----
+
+
+def test_yaml_with_python_tags_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"run: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        load_config(bad, [])
+    assert not marker.exists()
+
+
+# ---- SIGKILL ----
+
+
+def _start(run, *extra: str) -> subprocess.Popen:
+    args = tiny_overrides(run, **{"run.deterministic": True, "train.epochs": 3,
+                                  "train.ckpt_every_steps": 1, "data.num_workers": 1})  # fmt: skip
+    cmd = [sys.executable, "-m", "mimkit.cli", "pretrain", "-c", str(DEMO), *args, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+
+
+def _kill_after(proc: subprocess.Popen, run, step: int) -> None:
+    """SIGKILL the run (and its loader worker) once checkpoint ``step`` exists."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = ckpt.latest_checkpoint(run / "checkpoints")
+        if done is not None and int(done.name.split("-")[1]) >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_twice_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """3 epochs of 8 steps, a checkpoint every step, one loader worker: killed mid-epoch 0 and
+    mid-epoch 1 (at whatever it was doing, a save included), resumed each time."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = _start(straight)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    _kill_after(_start(killed), killed, 3)
+    _kill_after(_start(killed, "--resume"), killed, 11)
+    proc = _start(killed, "--resume")
+    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    assert _equal(_final(killed), _final(straight))
+    assert ckpt.latest_checkpoint(killed / "checkpoints").name == "ckpt-00000024"
