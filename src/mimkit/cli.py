@@ -660,6 +660,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # images that cannot be decoded (strict mode, over the limit)
+        from mimkit.data.datasets import BadImageError
+
+        if not isinstance(err, BadImageError):
+            raise
+        # from a loader worker the message carries the worker's traceback: its last line
+        print(f"mimkit: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
     except RuntimeError as err:  # a corrupt checkpoint or a non-finite loss: said, not traced
         from mimkit.engine.checkpoint import CorruptCheckpointError
         from mimkit.engine.trainer import NonFiniteLossError

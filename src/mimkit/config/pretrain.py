@@ -59,6 +59,10 @@ class DataConfig:
     num_workers: int = 0
     synthetic_size: int = 256  # number of images of the synthetic dataset
     shuffle_buffer: int = 1000  # shards: samples held in the streaming shuffle buffer
+    # an image folder's undecodable files: skip (listed in the run's skipped_images.jsonl;
+    # more than max_bad_images distinct files stop the run) or error (stop at the first)
+    bad_images: str = "skip"
+    max_bad_images: int = 100
 
 
 @dataclass
@@ -342,6 +346,10 @@ def validate_data(
             fail(chans_key, in_chans, "Fashion-MNIST is grayscale: use 1")
     if d.max_samples is not None:
         positive("data.max_samples", d.max_samples)
+    if d.bad_images not in ("skip", "error"):
+        fail("data.bad_images", d.bad_images, "one of ['skip', 'error']")
+    if d.max_bad_images < 0:
+        fail("data.max_bad_images", d.max_bad_images, "must be >= 0")
     for key in ("mean", "std"):
         value = getattr(d, key)
         if value is not None and len(value) != in_chans:

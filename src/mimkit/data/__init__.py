@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config import DataConfig
-from mimkit.data.datasets import FashionMNIST, ImageFolder, SyntheticImages, read_idx
+from mimkit.data.datasets import (
+    BadImageError,
+    BadImagePolicy,
+    FashionMNIST,
+    ImageFolder,
+    SyntheticImages,
+    read_idx,
+)
 from mimkit.data.dense import (
     ADE20K_NUM_CLASSES,
     MOSAIC_CLASSES,
@@ -36,8 +44,11 @@ from mimkit.data.views import AugmentedView, ResumableSampler, sample_seed
 __all__ = [
     "ADE20K_NUM_CLASSES",
     "MOSAIC_CLASSES",
+    "SKIP_REPORT",
     "AugmentedView",
     "BEiTTransform",
+    "BadImageError",
+    "BadImagePolicy",
     "CocoDetection",
     "DenseView",
     "DetectTransform",
@@ -65,15 +76,29 @@ __all__ = [
 ]
 
 
+SKIP_REPORT = "skipped_images.jsonl"  # in the run directory: the images that were skipped
+
+
 def build_dataset(
-    cfg: DataConfig, *, img_size: int, channels: int, split: str | None = None
+    cfg: DataConfig,
+    *,
+    img_size: int,
+    channels: int,
+    split: str | None = None,
+    report: str | Path | None = None,
 ) -> Dataset:
-    """The raw dataset (uint8 images, int labels) of ``cfg``; ``split`` overrides cfg.split."""
+    """The raw dataset (uint8 images, int labels) of ``cfg``; ``split`` overrides cfg.split.
+
+    An image folder handles undecodable files by ``data.bad_images`` / ``data.max_bad_images``,
+    listing the skipped ones in ``report`` (:class:`~mimkit.data.datasets.BadImagePolicy`)."""
     split = split or cfg.split
     if cfg.name == "fashion_mnist":
         return FashionMNIST(cfg.root, split, cfg.max_samples if split == cfg.split else None)
     if cfg.name == "folder":
-        return ImageFolder(cfg.root, channels=channels, max_samples=cfg.max_samples)
+        policy = BadImagePolicy(
+            getattr(cfg, "bad_images", "skip"), getattr(cfg, "max_bad_images", 100), report
+        )
+        return ImageFolder(cfg.root, channels=channels, max_samples=cfg.max_samples, policy=policy)
     if cfg.name == "synthetic":
         size = cfg.synthetic_size
         if cfg.max_samples:

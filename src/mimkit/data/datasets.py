@@ -7,14 +7,18 @@ int (-1 when unlabeled). Transforms are applied by :class:`mimkit.data.views.Aug
 from __future__ import annotations
 
 import gzip
+import json
 import math
+import os
 import struct
+import time
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -24,6 +28,9 @@ __all__ = [
     "FASHION_MNIST_STD",
     "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "BadImageError",
+    "BadImagePolicy",
     "FashionMNIST",
     "ImageFolder",
     "SyntheticImages",
@@ -103,16 +110,85 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 
 
+# larger images are refused before they are decoded (Pillow's own warning threshold)
+MAX_IMAGE_PIXELS = 89_478_485
+# what Pillow raises on damaged, truncated or non-image data (and SyntaxError from some plugins)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded, or too many of them."""
+
+
+class BadImagePolicy:
+    """What a dataset does with an image it cannot decode (``data.bad_images``).
+
+    ``skip`` (default): the sample is replaced by the next decodable one (deterministically, so
+    resumed runs see the same data), and the file is appended once, with the error, to
+    ``report`` (``skipped_images.jsonl`` in the run directory); more than ``max_bad`` distinct
+    bad files stop the run. ``error``: the first bad file stops the run, with its path. Loader
+    workers share the report by appending whole lines.
+    """
+
+    def __init__(
+        self, mode: str = "skip", max_bad: int = 100, report: str | Path | None = None
+    ) -> None:
+        if mode not in ("skip", "error"):
+            raise ValueError(f"bad-image mode must be 'skip' or 'error', got {mode!r}")
+        self.mode, self.max_bad = mode, max_bad
+        self.report = Path(report) if report is not None else None
+        self.seen: set[str] = set()  # this process's bad files (the report holds everyone's)
+
+    def _recorded(self) -> set[str]:
+        if self.report is None or not self.report.is_file():
+            return set(self.seen)
+        rows = [json.loads(x) for x in self.report.read_text().splitlines() if x.strip()]
+        return {r["path"] for r in rows} | self.seen
+
+    def handle(self, path: str | Path, err: BaseException) -> None:
+        """Record a bad file, or raise :class:`BadImageError` (strict mode, or over the limit)."""
+        path, why = str(path), f"{type(err).__name__}: {err}"
+        if self.mode == "error":
+            raise BadImageError(f"{path}: cannot decode ({why}); data.bad_images=error")
+        known = self._recorded()
+        if path not in known:
+            self.seen.add(path)
+            known.add(path)
+            if self.report is not None:
+                self.report.parent.mkdir(parents=True, exist_ok=True)
+                line = json.dumps({"path": path, "error": why, "time": time.time()}) + "\n"
+                fd = os.open(self.report, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+        if len(known) > self.max_bad:
+            where = f" (listed in {self.report})" if self.report is not None else ""
+            raise BadImageError(
+                f"{len(known)} images could not be decoded, more than "
+                f"data.max_bad_images={self.max_bad}{where}; the last: {path} ({why})"
+            )
+
+
 class ImageFolder(Dataset):
     """Images in a flat folder (unlabeled, label -1) or in class subfolders (labels by sorted name).
 
-    Every image is converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels).
+    Every image is converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels). An image
+    that cannot be decoded is handled by ``policy`` (:class:`BadImagePolicy`: by default skipped,
+    replaced by the next good one, and counted).
     """
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet statistics, the field's default
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
-    def __init__(self, root: str | Path, *, channels: int = 3, max_samples: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        channels: int = 3,
+        max_samples: int | None = None,
+        policy: BadImagePolicy | None = None,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
@@ -127,6 +203,7 @@ class ImageFolder(Dataset):
             raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.samples = samples[:max_samples] if max_samples else samples
         self.channels = channels
+        self.policy = policy or BadImagePolicy()
         if channels == 1:
             self.mean, self.std = (0.5,), (0.5,)
 
@@ -134,21 +211,59 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        return load_image(path, channels=self.channels), label
+        n = len(self.samples)
+        for k in range(n):  # a bad file: the next good one takes its place
+            path, label = self.samples[(i + k) % n]
+            try:
+                return load_image(path, channels=self.channels), label
+            except _DECODE_ERRORS as err:
+                self.policy.handle(path, err)
+        raise BadImageError(f"no image under {self.samples[0][0].parent} could be decoded")
+
+
+def _to_uint8(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale scaled (not clipped) to 8 bits; other modes unchanged."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+        return Image.fromarray(np.round(arr.clip(0, None) * (255.0 / top)).astype(np.uint8))
+    if im.mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    return im
 
 
 def load_image(source: str | Path | BinaryIO, *, channels: int) -> torch.Tensor:
     """Decode one image file (a path or a binary file object) to uint8 (C, H, W).
 
     Only the raster formats of :data:`IMAGE_FORMATS` are tried, whatever the bytes claim to be
-    (Pillow's EPS plugin, for one, would run Ghostscript). The image is converted explicitly to
-    ``L`` (1 channel) or ``RGB`` (3 channels). Undecodable or truncated data raises an
-    ``OSError``/``ValueError`` from Pillow.
+    (Pillow's EPS plugin, for one, would run Ghostscript). Images over
+    :data:`MAX_IMAGE_PIXELS` are refused before decoding (decompression bombs). The EXIF
+    orientation is applied; 16-bit images are scaled to 8 bits, not clipped; palette, CMYK,
+    RGBA and the rest are converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels).
+    Undecodable or truncated data raises ``OSError``/``ValueError`` (:class:`BadImageError`).
     """
-    with Image.open(source, formats=IMAGE_FORMATS) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's palette-transparency and EXIF notices
+        try:
+            opened = Image.open(source, formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as err:
+            raise BadImageError(str(err)) from None
+        with opened as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(
+                    f"{im.width}x{im.height} pixels, more than {MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb?)"
+                )
+            im.load()  # a truncated file fails here
+            im = ImageOps.exif_transpose(im) or im
+            im = _to_uint8(im)
+            if im.mode in ("P", "PA", "LA") and channels == 3:
+                im = im.convert("RGBA")
+            im = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(im, dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
     return t.contiguous()

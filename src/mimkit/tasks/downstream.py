@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,16 +110,18 @@ def classify_data(
     seed: int,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    report: str | Path | None = None,
 ) -> ClassifyData:
     """Training and evaluation splits; normalization: data.mean/std, else ``mean``/``std`` (the
     pretraining's), else the training set's statistics."""
-    train_base = build_dataset(d, img_size=img_size, channels=channels)
+    kw = dict(img_size=img_size, channels=channels, report=report)  # bad images listed there
+    train_base = build_dataset(d, **kw)
     if d.name == "folder":
         eval_cfg = dataclasses.replace(d, root=d.eval_root, max_samples=d.eval_max_samples)
-        eval_base = build_dataset(eval_cfg, img_size=img_size, channels=channels)
+        eval_base = build_dataset(eval_cfg, **kw)
     else:
         eval_cfg = dataclasses.replace(d, split=d.eval_split, max_samples=d.eval_max_samples)
-        eval_base = build_dataset(eval_cfg, img_size=img_size, channels=channels)
+        eval_base = build_dataset(eval_cfg, **kw)
     train_classes = tuple(getattr(train_base, "classes", ()) or ())
     eval_classes = tuple(getattr(eval_base, "classes", ()) or ())
     if d.name == "folder" and train_classes != eval_classes:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from mimkit.config import ConfigError, to_dict
 from mimkit.config.downstream import FinetuneConfig
-from mimkit.data import AugmentedView, EvalTransform, FinetuneTransform, sample_seed
+from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, FinetuneTransform, sample_seed
 from mimkit.data.transforms import seeded_globals
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
@@ -189,6 +189,7 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         seed=cfg.run.seed,
         mean=mean,
         std=std,
+        report=run_dir / SKIP_REPORT,
     )
     num_classes = e.num_classes or data.num_classes
     model, loaded, notes = build_classifier(cfg, num_classes=num_classes)

@@ -140,7 +140,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
     import dataclasses
     import json
 
-    from mimkit.data import AugmentedView, EvalTransform
+    from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
     from mimkit.engine.rundir import prepare_run
     from mimkit.tasks.downstream import classify_data, load_encoder
 
@@ -151,7 +151,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
         print(f"knn: {note}", flush=True)
     data = classify_data(
         cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
-        mean=loaded.mean, std=loaded.std,
+        mean=loaded.mean, std=loaded.std, report=run_dir / SKIP_REPORT,
     )  # fmt: skip
     tf = EvalTransform(e.img_size, data.mean, data.std)
     train, test = (AugmentedView(ds, tf) for ds in (data.train, data.eval))

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mimkit.config.downstream import LinprobeConfig, ProbeConfig
-from mimkit.data import AugmentedView, EvalTransform
+from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
@@ -189,7 +189,7 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         print(f"linprobe: {note}", flush=True)
     data = classify_data(
         cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
-        mean=loaded.mean, std=loaded.std,
+        mean=loaded.mean, std=loaded.std, report=run_dir / SKIP_REPORT,
     )  # fmt: skip
     for param in encoder.parameters():
         param.requires_grad_(False)

@@ -13,6 +13,7 @@ import torch
 from mimkit import __version__
 from mimkit.config import ConfigError, PretrainConfig, to_dict
 from mimkit.data import (
+    SKIP_REPORT,
     AugmentedView,
     BEiTTransform,
     EvalTransform,
@@ -230,7 +231,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
         base = _shard_head(cfg, 8)
         mean, std = list(cfg.data.mean), list(cfg.data.std)  # validated: given
     else:
-        base = build_dataset(cfg.data, img_size=m.img_size, channels=m.in_chans)
+        base = build_dataset(
+            cfg.data, img_size=m.img_size, channels=m.in_chans, report=run_dir / SKIP_REPORT
+        )
         mean, std = dataset_stats(cfg.data, base)
     if m.method == "beit":
         task, train_view, fig_path, draw = _beit_setup(cfg, base, mean, std, device, run_dir)

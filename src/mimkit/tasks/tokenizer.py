@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from mimkit import __version__
 from mimkit.config import TokenizerConfig
-from mimkit.data import AugmentedView, EvalTransform, PretrainTransform, build_dataset
+from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, PretrainTransform, build_dataset
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
@@ -136,7 +136,7 @@ def run_tokenizer(cfg: TokenizerConfig, *, resume: bool = False) -> TokenizerRes
     """Train a dVAE tokenizer as ``cfg`` says; write everything to ``cfg.run.dir``."""
     run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit tokenizer train")
     t, d = cfg.tokenizer, cfg.data
-    base = build_dataset(d, img_size=t.img_size, channels=t.in_chans)
+    base = build_dataset(d, img_size=t.img_size, channels=t.in_chans, report=run_dir / SKIP_REPORT)
     zeros, ones = [0.0] * t.in_chans, [1.0] * t.in_chans  # the tokenizer sees [0, 1] pixels
     view = AugmentedView(
         base, PretrainTransform(t.img_size, zeros, ones, scale=d.crop_scale, hflip=d.hflip),
