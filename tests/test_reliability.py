@@ -177,6 +177,37 @@ def test_yaml_with_python_tags_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_tar_members_that_climb_out_or_link_are_never_read(tmp_path):
+    """A hostile shard: ``../`` and absolute names, a symlink and a hard link. Shards are never
+    extracted; such members are not read either, and are counted as unsafe."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.shards import ShardStream
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    shard = tmp_path / "hostile.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("000000.png", "../000001.png", "/tmp/000002.png", "a/../../000003.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+        for name, kind in (("000004.png", tarfile.SYMTYPE), ("000005.png", tarfile.LNKTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tar.addfile(info)
+    stream = ShardStream(str(shard), shuffle=False, channels=1)
+    got = list(stream)
+    assert len(got) == 1 and got[0][0].shape == (1, 8, 8)  # only 000000
+    assert stream.skipped["unsafe"] == 5 and stream.skipped["no_image"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.tar"]  # nothing extracted
+
+
 # ---- SIGKILL ----
 
 

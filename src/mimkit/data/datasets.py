@@ -212,6 +212,9 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         n = len(self.samples)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        i %= n
         for k in range(n):  # a bad file: the next good one takes its place
             path, label = self.samples[(i + k) % n]
             try:

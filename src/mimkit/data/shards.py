@@ -248,6 +248,13 @@ def _split_name(name: str) -> tuple[str, str] | tuple[None, None]:
     return m.group(1), m.group(2).lower()
 
 
+def _unsafe_member(info: tarfile.TarInfo) -> bool:
+    """A link, or a name that is absolute or climbs out (``..``): never read. (Shards are never
+    extracted to disk, but such members have no business in a dataset.)"""
+    parts = info.name.replace("\\", "/").split("/")
+    return info.issym() or info.islnk() or info.name.startswith("/") or ".." in parts
+
+
 @dataclass
 class _Record:
     key: str
@@ -266,8 +273,8 @@ def _read_shard(
         while (info := tar.next()) is not None:
             tar.members.clear()  # TarFile keeps every header otherwise
             key, ext = _split_name(info.name)
-            if key is None or not info.isreg():
-                continue
+            if key is None or not (info.isreg() or info.issym() or info.islnk()):
+                continue  # directories, devices, WebDataset's __meta__ files
             if rec is None or key != rec.key:
                 if rec is not None and ordinal >= start:
                     yield rec
@@ -277,8 +284,8 @@ def _read_shard(
                 rec = _Record(key, {}, 0)
             if ordinal < start or not load:
                 continue
-            if ext.rsplit(".", 1)[-1] in UNSAFE_EXTS:
-                rec.unsafe += 1
+            if _unsafe_member(info) or ext.rsplit(".", 1)[-1] in UNSAFE_EXTS:
+                rec.unsafe += 1  # never read
             elif ext in IMAGE_EXTS or ext in LABEL_EXTS:
                 rec.members[ext] = tar.extractfile(info).read()
     if rec is not None and ordinal >= start:
@@ -427,7 +434,13 @@ class ShardStream(IterableDataset):
             try:
                 for rec in _read_shard(shard.url, start, stop):
                     if rec.unsafe:
-                        self._skip("unsafe", name, rec.key, "pickle members unread", rec.unsafe)
+                        self._skip(
+                            "unsafe",
+                            name,
+                            rec.key,
+                            "pickle, link or out-of-tree members unread",
+                            rec.unsafe,
+                        )
                     yield name, rec
             except (tarfile.TarError, OSError, EOFError) as err:
                 self._skip("bad_shard", name, "-", f"unreadable: {err}")
