@@ -211,37 +211,62 @@ def test_tar_members_that_climb_out_or_link_are_never_read(tmp_path):
 # ---- SIGKILL ----
 
 
-def _start(run, *extra: str) -> subprocess.Popen:
+def _pretrain_cmd(run) -> list[str]:
     args = tiny_overrides(run, **{"run.deterministic": True, "train.epochs": 3,
                                   "train.ckpt_every_steps": 1, "data.num_workers": 1})  # fmt: skip
-    cmd = [sys.executable, "-m", "mimkit.cli", "pretrain", "-c", str(DEMO), *args, *extra]
+    return ["pretrain", "-c", str(DEMO), *args]
+
+
+def _finetune_cmd(run) -> list[str]:
+    from tests.test_downstream import FT, SCRATCH, _ft_args
+
+    extra = {**SCRATCH, "run.deterministic": True, "train.epochs": 3, "train.ckpt_every_steps": 1,
+             "data.num_workers": 1, "model.drop_path": 0.1}  # fmt: skip
+    return ["finetune", "-c", str(FT), *_ft_args(run, "none", **extra)]
+
+
+def _start(cmd: list[str], *extra: str, nproc: int = 1) -> subprocess.Popen:
+    launch = [sys.executable, "-m", "mimkit.cli"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc-per-node={nproc}", "-m", "mimkit.cli"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen([*launch, *cmd, *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
 
 
 def _kill_after(proc: subprocess.Popen, run, step: int) -> None:
-    """SIGKILL the run (and its loader worker) once checkpoint ``step`` exists."""
+    """SIGKILL the run's whole process group (loader workers, torchrun's agent and ranks) once
+    checkpoint ``step`` exists: it is then already on its way to the next step or save."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         done = ckpt.latest_checkpoint(run / "checkpoints")
         if done is not None and int(done.name.split("-")[1]) >= step:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
-def test_sigkill_twice_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    """3 epochs of 8 steps, a checkpoint every step, one loader worker: killed mid-epoch 0 and
-    mid-epoch 1 (at whatever it was doing, a save included), resumed each time."""
+@pytest.mark.parametrize(
+    ("kind", "nproc", "kills"),
+    [("pretrain", 1, (3, 8, 13)), ("pretrain", 2, (5,)), ("finetune", 1, (3, 8))],
+)
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, kind, nproc, kills):
+    """3 epochs (8 steps each for one process), a checkpoint every step, a loader worker;
+    SIGKILLed mid-epoch, at an epoch boundary (step 8) and again, resumed after each kill."""
+    make = _pretrain_cmd if kind == "pretrain" else _finetune_cmd
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = _start(straight)
-    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
-    _kill_after(_start(killed), killed, 3)
-    _kill_after(_start(killed, "--resume"), killed, 11)
-    proc = _start(killed, "--resume")
-    assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    _finish(_start(make(straight), nproc=nproc))
+    for i, step in enumerate(kills):
+        _kill_after(_start(make(killed), *(["--resume"] if i else []), nproc=nproc), killed, step)
+    _finish(_start(make(killed), "--resume", nproc=nproc))
     assert _equal(_final(killed), _final(straight))
-    assert ckpt.latest_checkpoint(killed / "checkpoints").name == "ckpt-00000024"
+    assert ckpt.latest_checkpoint(killed / "checkpoints").name == (
+        ckpt.latest_checkpoint(straight / "checkpoints").name
+    )
