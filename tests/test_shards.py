@@ -162,6 +162,15 @@ def test_corrupt_members_skipped_and_pickles_never_loaded(tmp_path, caplog):
     assert stream.skipped == {"corrupt": 1, "no_image": 1, "unsafe": 3}
     assert "foreign.tar: sample 000001 (corrupt)" in caplog.text
     assert not marker.exists()
+    # with a bad-image policy: listed in its report; strict mode stops at the first
+    from mimkit.data import BadImageError, BadImagePolicy
+
+    report = tmp_path / "skipped_images.jsonl"
+    _collect(ShardStream(str(shard), shuffle=False, policy=BadImagePolicy("skip", 5, report)))
+    assert [json.loads(x)["path"] for x in report.read_text().splitlines()] == [
+        "foreign.tar:000001"]  # fmt: skip
+    with pytest.raises(BadImageError, match=r"foreign\.tar:000001: cannot decode"):
+        _collect(ShardStream(str(shard), shuffle=False, policy=BadImagePolicy("error")))
 
     res = verify(shard)
     assert (res["images"], res["ok"], res["bad"], res["unsafe"]) == (5, 3, 2, 3)

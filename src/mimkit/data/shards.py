@@ -52,7 +52,7 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mimkit.data.datasets import IMAGE_SUFFIXES, ImageFolder, load_image
+from mimkit.data.datasets import IMAGE_SUFFIXES, BadImagePolicy, ImageFolder, load_image
 from mimkit.data.views import sample_seed
 from mimkit.engine.distributed import rank as current_rank
 from mimkit.engine.distributed import world_size as current_world_size
@@ -344,7 +344,9 @@ class ShardStream(IterableDataset):
     does. ``rank``/``world_size`` default to :mod:`mimkit.engine.distributed`'s
     (``current_rank()``, ``current_world_size()`` here), read when the stream is built.
     ``skipped`` counts skipped samples by cause (``corrupt``, ``no_image``, ``bad_label``,
-    ``bad_shard``) and pickle members left unread (``unsafe``)."""
+    ``bad_shard``) and pickle members left unread (``unsafe``). ``policy`` (a
+    :class:`~mimkit.data.datasets.BadImagePolicy`) also lists undecodable images as
+    ``SHARD:KEY`` in its report, and stops the stream in strict mode or over its limit."""
 
     def __init__(
         self,
@@ -359,6 +361,7 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
         allow_pipe: bool = False,
         counts: Sequence[int] | None = None,
+        policy: BadImagePolicy | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -374,6 +377,7 @@ class ShardStream(IterableDataset):
         self.channels, self.transform, self.seed = channels, transform, seed
         self.shuffle, self.buffer_size, self.epoch = shuffle, buffer_size, 0
         self.skipped: Counter[str] = Counter()
+        self.policy = policy
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -421,6 +425,8 @@ class ShardStream(IterableDataset):
                 img, label = _decode(rec, self.channels)
             except _BadSample as bad:
                 self._skip(bad.kind, shard, rec.key, str(bad))
+                if self.policy is not None and bad.kind == "corrupt":
+                    self.policy.handle(f"{shard}:{rec.key}", bad)
                 continue
             if self.transform is not None:
                 index = key_index(rec.key)

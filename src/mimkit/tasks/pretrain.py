@@ -15,6 +15,7 @@ from mimkit.config import ConfigError, PretrainConfig, to_dict
 from mimkit.data import (
     SKIP_REPORT,
     AugmentedView,
+    BadImagePolicy,
     BEiTTransform,
     EvalTransform,
     PretrainTransform,
@@ -306,15 +307,18 @@ def _shard_head(cfg: PretrainConfig, n: int) -> list[tuple[torch.Tensor, int]]:
     return list(itertools.islice(iter(stream), n))
 
 
-def _training_view(cfg: PretrainConfig, base, transform):
-    """Training samples: a seeded view of the dataset, or the shards streamed (same seeding)."""
+def _training_view(cfg: PretrainConfig, base, transform, run_dir: Path):
+    """Training samples: a seeded view of the dataset, or the shards streamed (same seeding;
+    undecodable images listed in the run's skip report, as for a folder)."""
     if cfg.data.name == "shards":
+        d = cfg.data
         return ShardStream(
-            cfg.data.root,
+            d.root,
             channels=cfg.model.in_chans,
             transform=transform,
             seed=cfg.run.seed,
-            buffer_size=cfg.data.shuffle_buffer,
+            buffer_size=d.shuffle_buffer,
+            policy=BadImagePolicy(d.bad_images, d.max_bad_images, run_dir / SKIP_REPORT),
         )
     return AugmentedView(base, transform, seed=cfg.run.seed)
 
@@ -326,7 +330,7 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
     sampler = mask_sampler(cfg)  # blockwise: masks from the pipeline
     if sampler is not None:
         transform = WithMask(transform, sampler)
-    view = _training_view(cfg, base, transform)
+    view = _training_view(cfg, base, transform, run_dir)
     model = build_mae(cfg).to(device)
     task = MAEPretrainTask(model, cfg, mean=mean, std=std)
     eval_tf = EvalTransform(m.img_size, mean, std)
@@ -369,7 +373,7 @@ def _beit_setup(cfg, base, mean, std, device, run_dir):
         m.img_size, tok_size, mean, std, mask_fn=sampler, scale=d.crop_scale,
         hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
     )  # fmt: skip
-    view = _training_view(cfg, base, transform)
+    view = _training_view(cfg, base, transform, run_dir)
     if cfg.tokenizer.cache and tokenizer is not None:
         view = TokenCache(view, tokenizer, device=device)
     vocab = int(meta["vocab_size"]) if meta else None
