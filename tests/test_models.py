@@ -122,3 +122,40 @@ def test_mae_takes_a_given_mask(tiny_cfg):
     with torch.no_grad():
         out = model(torch.randn(3, 3, 16, 16), mask=mask_from_bool(bools))
     assert torch.equal(out.mask.mask, bools) and out.latent.shape == (3, 1 + 4, 32)
+
+
+@pytest.mark.parametrize("method", ["mae", "beit"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    """model.grad_checkpointing recomputes activations in backward: same loss and gradients
+    (drop path on: its RNG is replayed)."""
+    from mimkit.config import load_config
+    from mimkit.masking import MaskSampler, mask_from_bool
+    from mimkit.models import build_beit, build_mae
+    from tests.conftest import DEMO, tiny_overrides
+
+    extra = ["model.drop_path=0.2", "model.decoder.depth=2"]
+    if method == "beit":
+        extra += ["model.method=beit", "target.kind=pixels", "mask.strategy=blockwise",
+                  "mask.num_masked=6", "mask.min_block=2"]  # fmt: skip
+    grads = []
+    for ckpt_on in (False, True):
+        cfg = load_config(DEMO, [*tiny_overrides("/tmp/unused"), *extra,
+                                 f"model.grad_checkpointing={ckpt_on}"])  # fmt: skip
+        torch.manual_seed(0)
+        model = build_mae(cfg) if method == "mae" else build_beit(cfg, vocab_size=None)
+        assert model.encoder.grad_checkpointing is ckpt_on
+        x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        if method == "mae":
+            out = model(x)
+            loss = model.loss(x, out)
+        else:
+            g = torch.Generator().manual_seed(3)
+            sampler = MaskSampler("blockwise", (4, 4), 6, min_block=2)
+            mask = mask_from_bool(torch.stack([sampler(g) for _ in range(4)]))
+            loss = model(x, mask).pred.square().mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)

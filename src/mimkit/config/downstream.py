@@ -79,6 +79,7 @@ class EncoderConfig:
     rel_pos_bias: str | None = None  # BEiT: null -> per_layer (the shared table copied per block)
     abs_pos_emb: bool | None = None  # BEiT; null: init's (false from scratch)
     drop_path: float = 0.1
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
     pool: str = "avg"  # avg: mean of patch tokens + fc_norm (BEiT, MAE global pool) | cls
     num_classes: int | None = None  # null: from the training data
     head_init_std: float = 2e-5  # MAE: trunc_normal(2e-5); BEiT: 0.02 * init_scale 0.001
@@ -99,6 +100,7 @@ class EncoderConfig:
             layer_scale=self.layer_scale or None,
             rel_pos_bias=self.rel_pos_bias,
             abs_pos_emb=bool(self.abs_pos_emb),
+            grad_checkpointing=self.grad_checkpointing,
         )
 
 

@@ -84,6 +84,8 @@ class ModelConfig:
     num_heads: int | None = None
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+    grad_checkpointing: bool = False
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # MAE only
     # BEiT only
     layer_scale: float | None = 0.1  # initial layer-scale value; null disables

@@ -39,7 +39,7 @@ def build_encoder(
         "drop_path": cfg.drop_path,
     }
     if cfg.method == "beit":
-        return BEiTEncoder(
+        encoder = BEiTEncoder(
             **common,
             layer_scale=cfg.layer_scale,
             abs_pos_emb=cfg.abs_pos_emb,
@@ -47,7 +47,10 @@ def build_encoder(
             rel_pos_bias=cfg.rel_pos_bias == "per_layer",
             mask_token=mask_token,
         )
-    return VisionTransformer(**common, fixed_pos_embed=fixed_pos_embed)
+    else:
+        encoder = VisionTransformer(**common, fixed_pos_embed=fixed_pos_embed)
+    encoder.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", False))
+    return encoder
 
 
 def build_mae(cfg: PretrainConfig) -> MAE:

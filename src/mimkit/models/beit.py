@@ -25,7 +25,7 @@ from timm.models.beit import RelativePositionBias
 from torch import nn
 
 from mimkit.masking import Mask
-from mimkit.models.vit import pool_tokens
+from mimkit.models.vit import pool_tokens, run_block
 
 __all__ = ["BEiT", "BEiTEncoder", "MIMOutput", "mim_pixel_loss", "mim_token_loss"]
 
@@ -80,6 +80,7 @@ class BEiTEncoder(nn.Module):
             else None
         )
         rates = torch.linspace(0, drop_path, depth).tolist()
+        self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             BeitBlock(
                 embed_dim,
@@ -132,9 +133,13 @@ class BEiTEncoder(nn.Module):
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         outs = []
         for blk in self.blocks[:upto]:
-            x = blk(x, shared_rel_pos_bias=bias)
+            x = run_block(blk, x, self.grad_checkpointing, shared_rel_pos_bias=bias)
             outs.append(x)
         return outs
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (memory for compute)."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor, mask: Mask | None = None) -> torch.Tensor:
         """Normed tokens (B, 1+N, D); with ``mask``, masked patches enter as e[M]."""

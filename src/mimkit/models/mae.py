@@ -18,7 +18,7 @@ from torch import nn
 from mimkit.losses import masked_mse
 from mimkit.masking import Mask, random_masking
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.vit import LayerNorm, VisionTransformer, init_vit_weights
+from mimkit.models.vit import LayerNorm, VisionTransformer, init_vit_weights, run_block
 from mimkit.targets import pixel_target
 
 __all__ = ["MAE", "MAEOutput", "from_official_layout", "mae_loss", "to_official_layout"]
@@ -94,7 +94,7 @@ class MAE(nn.Module):
         x_ = torch.gather(x_, 1, idx)  # (B, N, E) unshuffled, patch order
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+N, E)
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.encoder.grad_checkpointing)
         x = self.decoder_pred(self.decoder_norm(x))  # (B, 1+N, P)
         return x[:, 1:]  # (B, N, P) drop the cls token
 

@@ -24,7 +24,17 @@ from torch import nn
 from mimkit.masking import Mask
 from mimkit.models.pos_embed import sincos_2d
 
-__all__ = ["VisionTransformer", "init_vit_weights", "pool_tokens"]
+__all__ = ["VisionTransformer", "init_vit_weights", "pool_tokens", "run_block"]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, checkpoint: bool, **kw) -> torch.Tensor:
+    """``block(x, **kw)``; with ``checkpoint`` while training with gradients, its activations
+    are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``, non-reentrant;
+    the RNG of dropout / drop path is replayed, so the gradients are the same)."""
+    if checkpoint and block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kw)
+    return block(x, **kw)
+
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -80,6 +90,7 @@ class VisionTransformer(nn.Module):
             torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=not fixed_pos_embed
         )
         rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
+        self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -118,8 +129,12 @@ class VisionTransformer(nn.Module):
         """Normed output tokens (B, 1+N, D), or (B, 1+K, D) for the visible patches of ``mask``."""
         x = self.embed(x, mask)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
         return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (memory for compute)."""
+        self.grad_checkpointing = enable
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: list[int] | tuple[int, ...], *, norm: bool = False
