@@ -63,6 +63,7 @@ __all__ = [
     "SegmentationFolder",
     "SyntheticImages",
     "WithMask",
+    "bad_image_policy",
     "build_dataset",
     "class_balanced_subset",
     "dataset_labels",
@@ -77,6 +78,11 @@ __all__ = [
 
 
 SKIP_REPORT = "skipped_images.jsonl"  # in the run directory: the images that were skipped
+
+
+def bad_image_policy(cfg: DataConfig, report: str | Path | None) -> BadImagePolicy:
+    """``data.bad_images`` / ``data.max_bad_images``, listing skipped files in ``report``."""
+    return BadImagePolicy(cfg.bad_images, cfg.max_bad_images, report)
 
 
 def build_dataset(
@@ -95,9 +101,7 @@ def build_dataset(
     if cfg.name == "fashion_mnist":
         return FashionMNIST(cfg.root, split, cfg.max_samples if split == cfg.split else None)
     if cfg.name == "folder":
-        policy = BadImagePolicy(
-            getattr(cfg, "bad_images", "skip"), getattr(cfg, "max_bad_images", 100), report
-        )
+        policy = bad_image_policy(cfg, report)
         return ImageFolder(cfg.root, channels=channels, max_samples=cfg.max_samples, policy=policy)
     if cfg.name == "synthetic":
         size = cfg.synthetic_size

@@ -24,9 +24,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "checkpoints_newest_first",
     "created_now",
     "latest_checkpoint",
+    "load_newest_usable",
     "load_train_state",
     "load_weights",
     "read_metadata",
@@ -157,8 +160,11 @@ def save_checkpoint(
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_checksums(ckpt_dir: Path) -> None:
@@ -217,6 +223,32 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     """The newest complete checkpoint directory (``latest`` names it), or None."""
     found = checkpoints_newest_first(ckpt_root)
     return found[0] if found else None
+
+
+# what reading a damaged state.pt (torch.load) or model.safetensors raises
+_UNREADABLE = (OSError, RuntimeError, EOFError, ValueError, SafetensorError, UnpicklingError)
+
+
+def load_newest_usable(
+    found: list[Path],
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], list[tuple[Path, Exception]]]:
+    """(path, train state, weights, problems) of the first of ``found`` (newest first) that
+    verifies and reads; ``problems``: (path, error) of each newer one passed over. Raises
+    :class:`CorruptCheckpointError` when none is usable."""
+    problems: list[tuple[Path, Exception]] = []
+    for path in found:
+        try:
+            verify_checkpoint(path)
+            state = load_train_state(path)
+            weights, _ = load_weights(path / "model.safetensors")
+        except (CorruptCheckpointError, *_UNREADABLE) as err:
+            problems.append((path, err))
+            continue
+        return path, state, weights, problems
+    raise CorruptCheckpointError(
+        f"no usable checkpoint in {found[0].parent}: "
+        + "; ".join(f"{p.name}: {err}" for p, err in problems)
+    )
 
 
 def load_train_state(ckpt_dir: str | Path, map_location: str = "cpu") -> dict[str, Any]:

@@ -150,16 +150,9 @@ class DataParallelModel(DistributedDataParallel):
     that every training step made one (:attr:`calls`).
     """
 
-    def __init__(
-        self, module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False
-    ) -> None:
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
         ids = [device] if device.type == "cuda" else None
-        super().__init__(
-            module,
-            device_ids=ids,
-            broadcast_buffers=True,
-            find_unused_parameters=find_unused_parameters,
-        )
+        super().__init__(module, device_ids=ids, broadcast_buffers=True)
         self.calls = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -202,7 +195,7 @@ class FullyShardedModel:
                 for block in module:
                     fully_shard(block)
         fully_shard(model)
-        self.model, self.calls = model, 0
+        self.model, self.calls, self.gathered_step = model, 0, -1
         model.register_forward_pre_hook(self._count)
 
     def _count(self, *_: Any) -> None:
@@ -217,11 +210,15 @@ class FullyShardedModel:
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def gather(self) -> nn.Module | None:
-        """Collective: rank 0's full copy updated to the current weights, and returned (None on
-        the other ranks). Tensors are gathered one at a time."""
+    def gather(self, step: int) -> nn.Module | None:
+        """Collective: rank 0's full copy updated to the weights of optimizer step ``step``, and
+        returned (None on the other ranks). Tensors are gathered one at a time; a second call at
+        the same step (a checkpoint, then the epoch's figures) gathers nothing."""
         from torch.distributed.tensor import DTensor
 
+        if step == self.gathered_step:
+            return self.replica
+        self.gathered_step = step
         full: dict[str, torch.Tensor] = {}
         for k, v in self.model.state_dict().items():
             t = v.full_tensor() if isinstance(v, DTensor) else v

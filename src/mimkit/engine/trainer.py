@@ -18,11 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from pickle import UnpicklingError
 from typing import Any, NamedTuple, Protocol
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
@@ -59,10 +57,6 @@ class Task(Protocol):
     def weights(self) -> dict[str, torch.Tensor]: ...
     def load_weights(self, state: dict[str, torch.Tensor]) -> None: ...
     def metadata(self) -> dict[str, Any]: ...
-
-
-# what reading a damaged state.pt (torch.load) or model.safetensors raises
-_UNREADABLE = (OSError, RuntimeError, EOFError, ValueError, SafetensorError, UnpicklingError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,7 +199,7 @@ class Trainer:
         if self.fsdp is None:
             yield
             return
-        replica, model = self.fsdp.gather(), self.task.model
+        replica, model = self.fsdp.gather(self.step), self.task.model
         if replica is not None:
             self.task.model = replica
         try:
@@ -245,7 +239,13 @@ class Trainer:
         if not found:
             self._shard()
             return False
-        path, state, weights = self._read_checkpoint(found)
+        path, state, weights, problems = ckpt.load_newest_usable(found)
+        if problems and is_main():
+            for bad, err in problems:
+                print(f"mimkit: {bad} is unusable ({err}); trying the previous checkpoint",
+                      file=sys.stderr)  # fmt: skip
+            print(f"mimkit: resuming from {path} (the newer checkpoints are unusable)",
+                  file=sys.stderr, flush=True)  # fmt: skip
         saved_world = int(state.get("world_size", 1))
         if saved_world != world_size():
             raise ConfigError(
@@ -276,40 +276,10 @@ class Trainer:
         self._saved_step = self.step
         return True
 
-    @staticmethod
-    def _read_checkpoint(found: list[Path]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-        """(path, train state, weights) of the newest checkpoint that verifies and reads; a
-        corrupt or truncated one is reported and the previous one tried."""
-        problems = []
-        for path in found:
-            try:
-                ckpt.verify_checkpoint(path)
-                state = ckpt.load_train_state(path)
-                weights, _ = ckpt.load_weights(path / "model.safetensors")
-            except (
-                ckpt.CorruptCheckpointError,
-                OSError,
-                RuntimeError,
-                EOFError,
-                ValueError,
-            ) as err:
-                problems.append(f"{path.name}: {err}")
-                if is_main():
-                    print(f"mimkit: {path} is unusable ({err}); trying the previous checkpoint",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                continue
-            if problems and is_main():
-                print(f"mimkit: resuming from {path} (the newer checkpoints are unusable)",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            return path, state, weights
-        raise ckpt.CorruptCheckpointError(
-            f"no usable checkpoint in {found[0].parent}: " + "; ".join(problems)
-        )
-
     def _in_step(self, batches: Iterable[Any]) -> Iterator[Any]:
         """The epoch's batches; several ranks streaming shards stop together at the first rank
         whose stream ran out (skipped samples make a rank's epoch shorter)."""
-        if not (self.streaming and self.ddp is not None):
+        if not (self.streaming and world_size() > 1):
             yield from batches
             return
         it = iter(batches)
@@ -445,7 +415,7 @@ class Trainer:
         if stopped_early:
             self.save()  # stopped by max_steps: keep the exact place to resume from
         if self.fsdp is not None:
-            replica = self.fsdp.gather()
+            replica = self.fsdp.gather(self.step)
             if replica is not None:
                 self.task.model = replica
         self.logger.close()

@@ -49,7 +49,7 @@ def build_encoder(
         )
     else:
         encoder = VisionTransformer(**common, fixed_pos_embed=fixed_pos_embed)
-    encoder.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", False))
+    encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return encoder
 
 

@@ -15,11 +15,11 @@ from mimkit.config import ConfigError, PretrainConfig, to_dict
 from mimkit.data import (
     SKIP_REPORT,
     AugmentedView,
-    BadImagePolicy,
     BEiTTransform,
     EvalTransform,
     PretrainTransform,
     WithMask,
+    bad_image_policy,
     build_dataset,
     dataset_stats,
 )
@@ -318,7 +318,7 @@ def _training_view(cfg: PretrainConfig, base, transform, run_dir: Path):
             transform=transform,
             seed=cfg.run.seed,
             buffer_size=d.shuffle_buffer,
-            policy=BadImagePolicy(d.bad_images, d.max_bad_images, run_dir / SKIP_REPORT),
+            policy=bad_image_policy(d, run_dir / SKIP_REPORT),
         )
     return AugmentedView(base, transform, seed=cfg.run.seed)
 
