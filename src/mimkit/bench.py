@@ -195,9 +195,9 @@ def _mimkit_loss(cfg: PretrainConfig, model: nn.Module, x: _Inputs) -> Callable[
     def beit() -> torch.Tensor:
         out = model(x.imgs, mask)
         if x.ids is not None:
-            return mim_token_loss(out.pred, x.ids, out.positions)[0]
+            return mim_token_loss(out.pred, x.ids, out.index)[0]
         t = pixel_target(x.imgs, cfg.model.patch_size, norm_pix=cfg.target.norm_pix)
-        return mim_pixel_loss(out.pred, t, out.positions)
+        return mim_pixel_loss(out.pred, t, out.index)
 
     return mae if cfg.model.method == "mae" else beit
 
@@ -272,7 +272,11 @@ def _measure(
         opt, impl = _optimizer(model, cfg)
         loss = _mimkit_loss(cfg, model, x)
         ours = Workload("mimkit", f"mimkit {NAMES[method]}", loss, opt, **run)
-        flops = ours.warm_up(warmup)
+        flops = ours.warm_up(warmup)  # eager: the FLOPs are counted on the eager step
+        if cfg.train.compile:  # train.compile=true: our step compiled as the trainer does
+            model.compile(mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
+            for _ in range(max(warmup, 2)):  # compilation happens here, untimed
+                ours.step()
         times = perf.time_rounds([ours], steps=steps, rounds=rounds, device=device)["mimkit"]
     step = statistics.median(times)
     train = TrainStats(
@@ -379,6 +383,8 @@ def run_bench(
     machine = perf.machine_facts(device)
     if compare:
         machine["transformers"] = _transformers().__version__
+    tc = cfg.train
+    machine["compile"] = f"{tc.compile_backend} ({tc.compile_mode})" if tc.compile else None
     train, comparisons = [], []
     for precision in precisions:
         peak = perf.matmul_peak(device, DTYPES[precision], size=matmul_size)
@@ -406,7 +412,8 @@ def format_report(r: BenchResult) -> str:
         f"depth {m['depth']}, heads {m['num_heads']}), {m['img_size']} px, patch "
         f"{m['patch_size']}{vocab}",
         f"device {f['device']} ({f['device_name']}), torch {f['torch']}, {f['cpu_count']} CPUs, "
-        f"{f['threads']} threads",
+        f"{f['threads']} threads"
+        + (f"; our step compiled with torch.compile, {f['compile']}" if f.get("compile") else ""),
         "",
         "| precision | batch | images/s | step ms (min-max) | peak mem MiB | GFLOP/step | TFLOP/s "
         "| matmul peak TFLOP/s | MFU % |",

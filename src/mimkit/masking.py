@@ -133,17 +133,22 @@ def blockwise_mask(
     return torch.tensor(mask, dtype=torch.bool)
 
 
-def mask_from_bool(mask: torch.Tensor) -> Mask:
-    """A :class:`Mask` from a (B, N) bool mask with the same count per row (visible first)."""
+def mask_from_bool(mask: torch.Tensor, *, num_masked: int | None = None) -> Mask:
+    """A :class:`Mask` from a (B, N) bool mask with the same count per row (visible first).
+
+    Without ``num_masked`` the count is read from the values and checked (on CUDA, a wait for
+    the device). The training step passes the count its mask sampler draws, so nothing is read.
+    """
     n = mask.shape[1]
-    counts = mask.sum(1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("every sample must mask the same number of patches")
+    if num_masked is None:
+        counts = mask.sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("every sample must mask the same number of patches")
+        num_masked = int(counts[0])
     # stable sort puts visible (False) before masked (True), each in patch order
     ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, N)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    keep = n - int(counts[0])
-    return Mask(mask=mask, ids_keep=ids_shuffle[:, :keep], ids_restore=ids_restore)
+    return Mask(mask=mask, ids_keep=ids_shuffle[:, : n - num_masked], ids_restore=ids_restore)
 
 
 class MaskSampler:

@@ -147,6 +147,10 @@ class TrainConfig:
     # under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters,
     # gradients and optimizer states sharded over the ranks)
     parallel: str = "ddp"
+    # torch.compile the model (in place: checkpoint keys are unchanged), as HF's torch_compile
+    compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | ...-no-cudagraphs
+    compile_backend: str = "inductor"  # any of torch._dynamo.list_backends(); eager: a check
     log_every_steps: int = 10
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
@@ -404,6 +408,15 @@ def validate_train(t: TrainConfig) -> None:
         fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "one of ['ddp', 'fsdp']")
+    modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    if t.compile_mode not in modes:
+        fail("train.compile_mode", t.compile_mode, f"one of {modes}")
+    if t.compile:
+        import torch._dynamo
+
+        if t.compile_backend not in torch._dynamo.list_backends(exclude_tags=None):
+            usual = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
+            fail("train.compile_backend", t.compile_backend, f"a torch.compile backend: {usual}")
     for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
         positive(f"train.{key}", getattr(t, key))
     if t.ckpt_every_steps is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Workload",
     "count_flops",
     "device_name",
+    "host_syncs",
     "machine_facts",
     "matmul_peak",
     "synchronize",
@@ -58,6 +60,45 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+# ops whose result size or value must be read by the host: on CUDA each waits for the device
+_SYNC_OPS = frozenset({
+    "_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "is_nonzero", "equal",
+    "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount", "histc",
+})  # fmt: skip
+
+
+class _SyncCounter(TorchDispatchMode):
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool
+            for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+        )
+        if name in _SYNC_OPS:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        elif bool_index:
+            self.counts[f"{name}[bool]"] = self.counts.get(f"{name}[bool]", 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_syncs() -> Any:
+    """Count the ops run inside that make the host wait for the device (on CUDA).
+
+    Yields a dict, op name -> calls, filled as the block runs: reading a value (``.item()``,
+    ``float()``, ``bool()``: ``_local_scalar_dense``), data-dependent sizes (``nonzero``, boolean
+    indexing, ``masked_select``, ``unique``...). It works on any device, CPU included, so a test
+    on CPU shows that a CUDA step would not stall. Ops inside autograd's backward are seen too.
+    """
+    counts: dict[str, int] = {}
+    with _SyncCounter(counts):
+        yield counts
 
 
 def synchronize(device: torch.device) -> None:

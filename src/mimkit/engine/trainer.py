@@ -162,6 +162,7 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._saved_step = -1
+        self._compiled = False
 
     # ---- state ----
 
@@ -191,6 +192,10 @@ class Trainer:
         if self.parallel == "fsdp" and self.fsdp is None:
             self.fsdp = FullyShardedModel(self.task.model)
             self.optimizer = build_optimizer(self.optim_cfg, self.task.model)
+        if self.cfg.compile and not self._compiled:
+            # in place (nn.Module.compile): parameters and state_dict keys stay the same
+            self.task.model.compile(mode=self.cfg.compile_mode, backend=self.cfg.compile_backend)
+            self._compiled = True
 
     @contextlib.contextmanager
     def full_model(self) -> Iterator[None]:
@@ -330,7 +335,7 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        last_loss, t0, seen = math.nan, time.perf_counter(), 0
+        last_loss, loss_mean, t0, seen = math.nan, None, time.perf_counter(), 0
         last_line = time.perf_counter()
         history: list[dict] = []
         while self.epoch < self.num_epochs and self.step < self.max_steps:
@@ -358,9 +363,11 @@ class Trainer:
                 if self.batch_in_epoch % accum:
                     continue
                 lr = self._optimizer_step(loss_sum / accum)
-                last_loss = float(mean_across_ranks(loss_sum)) / accum  # all ranks' batches
+                # all ranks' batches; read on the host only when logged (a device sync)
+                loss_mean = mean_across_ranks(loss_sum) / accum
                 loss_sum.zero_()
                 if self.step % cfg.log_every_steps == 0 or self.step == self.max_steps:
+                    last_loss = float(loss_mean)
                     dt = time.perf_counter() - t0
                     rec = {
                         "epoch": self.epoch,
@@ -389,7 +396,8 @@ class Trainer:
                             flush=True,
                         )
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=self.epoch)
+                if interactive:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=self.epoch)
                 if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0:
                     self.save()
                 if self.step >= self.max_steps:
@@ -410,6 +418,8 @@ class Trainer:
                         if show:
                             self.on_epoch_end(self.epoch, final)
         bar.close()
+        if loss_mean is not None:
+            last_loss = float(loss_mean)
         # stopped by train.max_steps with epochs left (a stream's short epochs are not a stop)
         stopped_early = self.epoch < self.num_epochs and self.step < self.total_steps
         if stopped_early:

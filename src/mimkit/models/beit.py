@@ -177,10 +177,26 @@ class BEiTEncoder(nn.Module):
         return self.depth + 1
 
 
+def masked_index(mask: Mask) -> torch.Tensor:
+    """The masked patches' indices (B, N-K), ascending per row, from a :class:`Mask`.
+
+    The row-major order of ``x[mask.mask]``, computed from the shuffle (whose kept count K is
+    a shape) instead of from the boolean values, so the device is never waited for.
+    """
+    ids_shuffle = torch.argsort(mask.ids_restore, dim=1)  # (B, N): kept first, then masked
+    return ids_shuffle[:, mask.ids_keep.shape[1] :].sort(dim=1).values
+
+
+def _all_index(mask: torch.Tensor) -> torch.Tensor:
+    b, n = mask.shape
+    return torch.arange(n, device=mask.device).expand(b, n)
+
+
 class MIMOutput(NamedTuple):
     pred: torch.Tensor  # (M, V) logits or (M, P) pixels at the selected positions
     positions: torch.Tensor  # (B, N) bool: the positions pred covers, in row-major order
     tokens: torch.Tensor  # (B, 1+N, D) encoder output
+    index: torch.Tensor | None = None  # (B, K) long: the same positions, ascending per row
 
 
 class BEiT(nn.Module):
@@ -214,7 +230,10 @@ class BEiT(nn.Module):
         tokens = self.encoder.forward_features(imgs, mask)  # (B, 1+N, D)
         patches = tokens[:, 1:]  # (B, N, D)
         positions = mask.mask if self.loss_on == "masked" else torch.ones_like(mask.mask)
-        return MIMOutput(self.lm_head(patches[positions]), positions, tokens)  # (M, V|P)
+        index = masked_index(mask) if self.loss_on == "masked" else _all_index(mask.mask)
+        # a gather with a known count, not boolean indexing: no host-device synchronisation
+        picked = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return MIMOutput(self.lm_head(picked.flatten(0, 1)), positions, tokens, index)  # (M, V|P)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -223,14 +242,28 @@ class BEiT(nn.Module):
 def mim_token_loss(pred: torch.Tensor, target_ids: torch.Tensor, positions: torch.Tensor):
     """Cross-entropy of the visual tokens at ``positions``; returns (loss, accuracy).
 
-    pred: (M, V) logits; target_ids: (B, N) token ids; positions: (B, N) bool with M True.
+    pred: (M, V) logits; target_ids: (B, N) token ids; positions: (B, N) bool with M True, or
+    (B, K) long indices with B*K = M (``MIMOutput.index``, which never waits for the device).
     """
-    target = target_ids[positions]  # (M,)
+    target = _select(target_ids, positions)  # (M,)
     loss = F.cross_entropy(pred.float(), target)
     acc = (pred.argmax(-1) == target).float().mean()
     return loss, acc.detach()
 
 
 def mim_pixel_loss(pred: torch.Tensor, target_patches: torch.Tensor, positions: torch.Tensor):
-    """MSE of the (optionally normalized) pixels at ``positions``: (M, P) vs (B, N, P)."""
-    return (pred.float() - target_patches[positions].float()).pow(2).mean()
+    """MSE of the (optionally normalized) pixels at ``positions``: (M, P) vs (B, N, P).
+
+    ``positions`` is a (B, N) bool mask or (B, K) long indices, as for :func:`mim_token_loss`.
+    """
+    return (pred.float() - _select(target_patches, positions).float()).pow(2).mean()
+
+
+def _select(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, N, ...) at ``positions``, flattened to (M, ...) in row-major order."""
+    if positions.dtype == torch.bool:
+        return x[positions]  # boolean indexing: the count is read from the device
+    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2))).expand(
+        *positions.shape, *x.shape[2:]
+    )
+    return x.gather(1, index).flatten(0, 1)

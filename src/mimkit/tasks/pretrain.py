@@ -61,6 +61,7 @@ class BEiTPretrainTask:
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.tokenizer_meta, self.mean, self.std = tokenizer_meta or {}, mean, std
         self.device = next(model.parameters()).device
+        self.num_masked = mask_sampler(cfg).num_masked  # what the pipeline's masks hold
 
     @torch.no_grad()
     def target_ids(self, tok_imgs: torch.Tensor) -> torch.Tensor:
@@ -72,14 +73,15 @@ class BEiTPretrainTask:
     def step(self, batch: Any) -> StepOutput:
         (imgs, tok_imgs, mask_bool), _ = batch
         imgs = imgs.to(self.device, non_blocking=True)  # (B, C, H, W) normalized
-        mask = mask_from_bool(mask_bool.to(self.device))  # (B, N) True = masked
+        # (B, N) True = masked, as many per row as the sampler draws: nothing read back
+        mask = mask_from_bool(mask_bool.to(self.device), num_masked=self.num_masked)
         out = self.model(imgs, mask)
         if self.model.vocab_size is not None:
             ids = self.target_ids(tok_imgs.to(self.device, non_blocking=True))
-            loss, acc = mim_token_loss(out.pred, ids, out.positions)
+            loss, acc = mim_token_loss(out.pred, ids, out.index)
             return StepOutput(loss, {"mim_acc": acc})
         t = pixel_target(imgs, self.model.encoder.patch_size, norm_pix=self.cfg.target.norm_pix)
-        return StepOutput(mim_pixel_loss(out.pred, t, out.positions), {})
+        return StepOutput(mim_pixel_loss(out.pred, t, out.index), {})
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The official BEiT pretraining layout: encoder keys at the top level, ``lm_head``."""
@@ -136,12 +138,14 @@ class MAEPretrainTask:
     def __init__(self, model: MAE, cfg: PretrainConfig, *, mean: list[float], std: list[float]):
         self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
         self.device = next(model.parameters()).device
+        sampler = mask_sampler(cfg)
+        self.num_masked = sampler.num_masked if sampler is not None else None
 
     def step(self, batch: Any) -> StepOutput:
         x, mask = batch[0], None
         if isinstance(x, (list, tuple)):  # (images, (B, N) bool masks) from the data pipeline
             x, mask_bool = x
-            mask = mask_from_bool(mask_bool.to(self.device))
+            mask = mask_from_bool(mask_bool.to(self.device), num_masked=self.num_masked)
         imgs = x.to(self.device, non_blocking=True)  # (B, C, H, W) normalized
         out = self.model(imgs, mask=mask)  # no pipeline mask: random masking in the step (MAE)
         return StepOutput(loss=self.model.loss(imgs, out), logs={})
