@@ -134,8 +134,45 @@ def test_two_processes_stream_shards(tmp_path):
     assert (run / "encoder.safetensors").is_file()
 
 
+def _finetune(run, *extra: str, nproc: int = 1, batch: int = 8):
+    from tests.test_downstream import FT, SCRATCH, _ft_args
+
+    # per-sample randomness only (seeded augmentations); Mixup pairs and drop path are drawn
+    # per rank, so they are off for the comparison with one process
+    same = {**SCRATCH, "aug.mixup": 0, "aug.cutmix": 0, "model.drop_path": 0,
+            "train.batch_size": batch, "data.eval_max_samples": 16}  # fmt: skip
+    return _mimkit(["finetune", "-c", str(FT), *_ft_args(run, "none", **same), *extra], nproc)
+
+
+def test_finetuning_on_two_processes_equals_one_with_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(one, batch=8)
+    proc = _finetune(two, batch=4, nproc=2)
+    assert proc.stdout.count("eval epoch 2 ") == 1  # rank 0 alone evaluates and reports
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    wa = ckpt.load_weights(one / "model_last.safetensors")[0]
+    wb = ckpt.load_weights(two / "model_last.safetensors")[0]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+    ea, eb = (json.loads((r / "eval.json").read_text())["best"] for r in (one, two))
+    assert eb["top1"] == pytest.approx(ea["top1"])
+
+
+def test_finetuning_refuses_fsdp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from tests.test_downstream import FT, SCRATCH, _ft_args
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mimkit.cli", "finetune", "-c", str(FT), *_ft_args(tmp_path / "r", "none",
+           **SCRATCH), FSDP]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "train.parallel=fsdp" in proc.stderr
+
+
 def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path, fmnist):  # noqa: F811
-    """Only pretraining runs under torchrun so far; the others say so instead of hanging."""
+    """Only pretraining and fine-tuning run under torchrun so far; the others say so."""
     from tests.test_dense_tasks import SCRATCH, SEG, _args
 
     args = _args(tmp_path / "run", fmnist, "null", **{**SCRATCH, "model.depth": 2})
@@ -143,7 +180,8 @@ def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path, fmnist):  # no
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "mimkit.cli", "segment", "-c", str(SEG), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode != 0 and "only `mimkit pretrain` is data-parallel" in proc.stderr
+    msg = "only `mimkit pretrain` and `mimkit finetune` are data-parallel"
+    assert proc.returncode != 0 and msg in proc.stderr
 
 
 FSDP = "train.parallel=fsdp"

@@ -39,8 +39,8 @@ def prepare_run(
     """
     if single_process and world_size() > 1:
         raise ConfigError(
-            f"{single_process} runs in one process for now (only `mimkit pretrain` is "
-            "data-parallel under torchrun): start it without torchrun"
+            f"{single_process} runs in one process for now (only `mimkit pretrain` and "
+            "`mimkit finetune` are data-parallel under torchrun): start it without torchrun"
         )
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
