@@ -46,9 +46,12 @@ def test_a_compiled_model_trains_like_the_eager_one(tmp_path, extra):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("train.compile_mode", "fastest"), ("train.compile_backend", "no_such_backend")],
-)
+    [("train.compile_mode", "fastest"), ("train.compile_backend", "no_such_backend"),
+     ("train.compile_mode", "max-autotune")],  # a mode is inductor's; the backend is aot_eager
+)  # fmt: skip
 def test_bad_compile_settings_name_the_key(tmp_path, key, value):
     args = [*tiny_overrides(tmp_path / "r"), "train.compile=true", f"{key}={value}"]
+    if value == "max-autotune":
+        args.append("train.compile_backend=aot_eager")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(DEMO, args)

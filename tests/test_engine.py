@@ -96,6 +96,22 @@ def test_resume_refuses_changed_config_and_fresh_run_refuses_existing(tmp_path):
         _run(tmp_path, "d", resume=True)
 
 
+def test_a_run_saved_before_a_key_existed_resumes(tmp_path):
+    """A config.yaml written by an older mimkit lacks newer keys: the run had their defaults.
+    Compiling (or not) may change on resume: the same maths and state_dict keys."""
+    import yaml
+
+    _run(tmp_path, "old", **{"train.max_steps": 2})
+    path = tmp_path / "old" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    for key in ("compile", "compile_mode", "compile_backend"):
+        del saved["train"][key]
+    path.write_text(yaml.safe_dump(saved))
+    res = _run(tmp_path, "old", resume=True, **{"train.max_steps": 3, "train.compile": True,
+                                                 "train.compile_backend": "eager"})  # fmt: skip
+    assert res.train.step == 3
+
+
 def test_run_directory_contract(tmp_path):
     res = _run(tmp_path, "e", **{"eval.knn.enabled": True, "eval.knn.k": 5})
     run = tmp_path / "e"

@@ -417,6 +417,9 @@ def validate_train(t: TrainConfig) -> None:
         if t.compile_backend not in torch._dynamo.list_backends(exclude_tags=None):
             usual = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
             fail("train.compile_backend", t.compile_backend, f"a torch.compile backend: {usual}")
+        if t.compile_mode != "default" and t.compile_backend != "inductor":
+            fail("train.compile_mode", t.compile_mode, "only 'default' with a backend other than "
+                 f"inductor (train.compile_backend={t.compile_backend!r})")  # fmt: skip
     for key in ("log_every_steps", "ckpt_every_epochs", "keep_last", "figure_every_epochs"):
         positive(f"train.{key}", getattr(t, key))
     if t.ckpt_every_steps is not None:

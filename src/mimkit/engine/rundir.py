@@ -15,8 +15,9 @@ from mimkit.engine.distributed import barrier, init_distributed, is_main, rank, 
 
 __all__ = ["RESUMABLE_CHANGES", "prepare_run", "restarted_with_checkpoint"]
 
-# keys that may differ when a run is resumed (how long to go on, and what to evaluate after)
-RESUMABLE_CHANGES = ("train.max_steps", "eval.")
+# keys that may differ when a run is resumed (how long to go on, what to evaluate after,
+# and whether the model is compiled: the same maths and weights)
+RESUMABLE_CHANGES = ("train.max_steps", "eval.", "train.compile")
 
 
 def restarted_with_checkpoint(cfg: Any) -> bool:
@@ -70,6 +71,8 @@ def _check_resume_config(cfg: Any, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(to_dict(cfg))
+    # a key added to mimkit after the run was saved: the run had its default
+    saved = _flatten(to_dict(type(cfg)())) | saved
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RESUMABLE_CHANGES):
             continue
@@ -79,8 +82,8 @@ def _check_resume_config(cfg: Any, run_dir: Path) -> None:
                 hint = "; it follows the effective batch: resume with the same number of processes"
             raise ConfigError(
                 f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
-                f"{saved.get(key)!r} in {saved_path} (only train.max_steps and eval.* may "
-                f"change{hint})"
+                f"{saved.get(key)!r} in {saved_path} (only train.max_steps, train.compile* and "
+                f"eval.* may change{hint})"
             )
 
 
