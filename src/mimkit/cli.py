@@ -6,9 +6,6 @@ User errors (bad recipes, overrides, paths) print one line to stderr and exit wi
 from __future__ import annotations
 
 import argparse
-import json
-import pickle
-import re
 import sys
 from pathlib import Path
 
@@ -81,53 +78,6 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
             f"codebook perplexity {m['perplexity']:.1f}, codes used {100 * m['codes_used']:.1f}% "
             f"of {cfg.tokenizer.vocab_size}"
         )
-    return 0
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from mimkit.interop.convert import convert
-    from mimkit.interop.dalle_pickle import UnsafePickleError
-    from mimkit.interop.official import UnsafeCheckpointError
-
-    paths, src_format = list(args.paths), args.src_format
-    if len(paths) == 3 and paths[0] == "dalle":  # the older spelling: convert dalle SRC DST
-        if src_format not in ("auto", "dalle"):
-            raise ConfigError(
-                f"`convert dalle SRC DST` reads DALL-E pickles, not --from {src_format}"
-            )
-        paths, src_format = paths[1:], "dalle"
-    if len(paths) != 2:
-        raise ConfigError(f"convert takes IN and OUT, got {len(paths)} path(s): {paths}")
-    src, dst = (Path(x) for x in paths)
-    opts = {
-        "strict": not args.no_strict,
-        "num_heads": args.num_heads,
-        "decoder_num_heads": args.decoder_num_heads,
-        "img_size": args.img_size,
-        "rel_pos_bias": args.rel_pos_bias,
-        "probe": args.probe,
-        "architecture": args.architecture,
-        "kind": args.kind,
-        "include_args": args.include_args,
-        "trust_pickle": args.trust_pickle,
-    }
-    try:
-        report = convert(src, dst, src_format=src_format, dst_format=args.dst_format, **opts)
-    except (UnsafeCheckpointError, UnsafePickleError) as err:
-        raise ConfigError(f"{src}: refused: {err}") from None
-    except PermissionError as err:
-        raise ConfigError(str(err)) from None
-    except (ValueError, KeyError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        msg = re.sub(r"\bpass (\w+)=", lambda m: f"pass --{m[1].replace('_', '-')}", msg)
-        raise ConfigError(msg if str(src) in msg else f"{src}: {msg}") from None
-    print(f"wrote {report.dst} ({report.src_format} -> {report.dst_format})")
-    for note in report.notes:
-        print(f"  note: {note}")
-    if "create_model" in report.details:
-        print(f"  load it with: import timm; timm.create_model('local-dir:{report.dst}', "
-              "pretrained=True)")  # fmt: skip
-        print(f"  or: {report.details['create_model']}")
     return 0
 
 
@@ -291,72 +241,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from mimkit.interop.convert import describe
-    from mimkit.interop.official import UnsafeCheckpointError
-
-    try:
-        info = describe(args.checkpoint, fmt=args.format)
-    except UnsafeCheckpointError as err:
-        raise ConfigError(f"{args.checkpoint}: refused: {err}") from None
-    except (ValueError, KeyError, RuntimeError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{args.checkpoint}: {msg}") from None
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
-        return 0
-    for k, v in info.items():
-        if k in ("metadata", "args"):
-            continue
-        if isinstance(v, float):
-            v = f"{v:g}"
-        elif isinstance(v, (dict, list)):
-            v = json.dumps(v, default=str)
-        print(f"{k + ':':<18} {v}")
-    if "metadata" in info or "args" in info:
-        print("(--json prints everything, the whole provenance metadata included)")
-    return 0
-
-
-def _cmd_data_shard(args: argparse.Namespace) -> int:
-    from mimkit.data.shards import MANIFEST, write_shards
-
-    try:
-        out = write_shards(
-            args.src,
-            args.out,
-            shard_size=args.shard_size,
-            max_samples=args.max_samples,
-            seed=args.seed,
-            shuffle=not args.no_shuffle,
-        )
-    except (ValueError, FileExistsError) as err:
-        raise ConfigError(str(err)) from None
-    manifest = json.loads((out / MANIFEST).read_text())
-    print(
-        f"data shard: {manifest['num_samples']} images in {len(manifest['shards'])} shard(s), "
-        f"{len(manifest['classes'])} classes -> {out}"
-    )
-    return 0
-
-
-def _cmd_data_verify(args: argparse.Namespace) -> int:
-    from mimkit.data.shards import verify
-
-    try:
-        res = verify(args.path, report=args.report)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    shards = f", {res['bad_shards']} shard problem(s)" if res["kind"] == "shards" else ""
-    unsafe = f", {res['unsafe']} pickle member(s) left unread" if res["unsafe"] else ""
-    report = f" (report: {args.report})" if args.report else ""
-    print(
-        f"data verify: {res['kind']} {args.path}: {res['images']} images, {res['ok']} ok, "
-        f"{res['bad']} bad{shards}{unsafe}{report}"
-    )
-    return 1 if res["bad"] or res["bad_shards"] else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit", description="Masked image modeling (MAE, BEiT) for Vision Transformers."
@@ -371,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pretrain",
-        help="pretrain a ViT with MAE",
-        description="Pretrain a ViT with MAE. Writes config.yaml, metrics.jsonl, TensorBoard "
-        "events, checkpoints/, figures/ and encoder.safetensors to run.dir.",
+        help="pretrain a ViT with MAE or BEiT (masked image modeling)",
+        description="Pretrain a ViT with MAE or BEiT (model.method). Writes config.yaml, "
+        "metrics.jsonl, TensorBoard events, checkpoints/, figures/ and encoder.safetensors to "
+        "run.dir.",
     )
     _add_config_args(p)
     p.add_argument(
@@ -510,69 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
     p.set_defaults(func=_cmd_tokenizer_train)
 
-    from mimkit.interop.convert import FORMATS
+    from mimkit.interop.cli import add_convert_parser, add_inspect_parser
 
-    p = sub.add_parser(
-        "convert",
-        help="convert checkpoints between mimkit, official MAE/BEiT, timm and Hugging Face",
-        description="Convert a checkpoint: official MAE / BEiT .pth, timm folders or "
-        ".safetensors, Hugging Face folders and OpenAI's DALL-E dVAE pickles in; official .pth, "
-        "timm folders (timm.create_model('local-dir:OUT', pretrained=True)) and Hugging Face "
-        "folders (from_pretrained) out; everything through mimkit's .safetensors with "
-        "provenance. Official files are read weights-only with an allow-list; key mismatches "
-        "are one error listing them all (--no-strict drops and reports them).",
-    )
-    p.add_argument("paths", nargs="+", metavar="IN OUT", help="input and output paths")
-    p.add_argument(
-        "--from",
-        dest="src_format",
-        default="auto",
-        choices=["auto", *FORMATS],
-        help="input format (default: detected from the path)",
-    )
-    p.add_argument(
-        "--to",
-        dest="dst_format",
-        default="mimkit",
-        choices=["mimkit", "official", "hf", "timm"],
-        help="output format (default mimkit: a .safetensors)",
-    )
-    p.add_argument(
-        "--no-strict",
-        action="store_true",
-        help="official/timm in: drop unexpected keys and report them",
-    )
-    p.add_argument("--num-heads", type=int, help="a plain ViT's heads (no shape holds them)")
-    p.add_argument("--decoder-num-heads", type=int, help="the MAE decoder's heads")
-    p.add_argument("--img-size", type=int, help="image size when the weights cannot tell")
-    p.add_argument(
-        "--rel-pos-bias",
-        default="keep",
-        choices=["keep", "per_layer"],
-        help="BEiT: copy a shared relative position table into every block",
-    )
-    p.add_argument(
-        "--probe",
-        default="keep",
-        choices=["keep", "fold"],
-        help="MAE linear probe: keep it, or fold its BatchNorm into the linear head",
-    )
-    p.add_argument(
-        "--architecture",
-        help="Hugging Face class to write (or read), e.g. ViTMAEForPreTraining, BeitModel",
-    )
-    p.add_argument("--kind", help="official layout to write, e.g. mae-encoder, beit-pretrain")
-    p.add_argument(
-        "--include-args",
-        action="store_true",
-        help="official out: add the argparse.Namespace of the recorded args",
-    )
-    p.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="DALL-E in: I trust this pickle's source; unpickle it (allow-listed)",
-    )
-    p.set_defaults(func=_cmd_convert)
+    add_convert_parser(sub)  # mimkit convert
 
     p = sub.add_parser(
         "config", help="print a resolved recipe", description="Validate a recipe with its "
@@ -597,51 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         "else pretrain)",
     )
     p.set_defaults(func=_cmd_config)
+    add_inspect_parser(sub)  # mimkit inspect
+    from mimkit.data.cli import add_data_parser
 
-    p = sub.add_parser(
-        "inspect",
-        help="describe a checkpoint",
-        description="Say what a checkpoint is: format (mimkit, official, timm, hf, dalle), "
-        "method, kind, target, whether it has a decoder / MIM head or a classifier head, "
-        "sizes and provenance. Nothing is unpickled beyond the official allow-list.",
-    )
-    p.add_argument("checkpoint", help="a file, a run or checkpoint directory, or a model folder")
-    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
-                   help="the checkpoint's format (default: detected)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print JSON, all metadata included")
-    p.set_defaults(func=_cmd_inspect)
-
-    p = sub.add_parser(
-        "data",
-        help="image data: WebDataset tar shards, image checks",
-        description="Prepare and check pretraining data.",
-    )
-    data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = data.add_parser(
-        "shard",
-        help="write an image folder as WebDataset tar shards",
-        description="Write the images of SRC (class subfolders, or a flat unlabeled folder) as "
-        "tar shards OUT/shard-000000.tar ... in a seeded random order, plus OUT/manifest.json "
-        "(sample counts and sha256 per shard). Each sample: its original encoded image bytes "
-        "and its label as text (KEY.cls). OUT must not exist or be empty.",
-    )
-    p.add_argument("src", help="image folder")
-    p.add_argument("out", help="output directory (new or empty)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (1000)")
-    p.add_argument("--max-samples", type=int, help="the first N images of the folder only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order of samples (0)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the folder's order")
-    p.set_defaults(func=_cmd_data_shard)
-    p = data.add_parser(
-        "verify",
-        help="decode every image of a folder or a shard directory",
-        description="Decode every image of an image folder or a shard directory once (shards: "
-        "also sha256 and sample counts against the manifest; pickle members are never "
-        "unpickled). Exit status 1 when something is bad.",
-    )
-    p.add_argument("path", help="an image folder, a shard directory or a .tar shard")
-    p.add_argument("--report", help="write a JSON report listing every bad file or member")
-    p.set_defaults(func=_cmd_data_verify)
+    add_data_parser(sub)  # mimkit data shard | verify
     return parser
 
 
