@@ -80,10 +80,9 @@ class _SyncCounter(TorchDispatchMode):
             isinstance(t, torch.Tensor) and t.dtype == torch.bool
             for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
         )
-        if name in _SYNC_OPS:
-            self.counts[name] = self.counts.get(name, 0) + 1
-        elif bool_index:
-            self.counts[f"{name}[bool]"] = self.counts.get(f"{name}[bool]", 0) + 1
+        key = name if name in _SYNC_OPS else f"{name}[bool]" if bool_index else None
+        if key is not None:
+            self.counts[key] = self.counts.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
 

@@ -188,7 +188,8 @@ class Trainer:
         return state
 
     def _shard(self) -> None:
-        """Under ``train.parallel=fsdp``: shard the model (once), then build its optimizer."""
+        """Before the first step, once: under ``train.parallel=fsdp`` shard the model and build
+        its optimizer; with ``train.compile`` compile it (after sharding, as FSDP2 wants)."""
         if self.parallel == "fsdp" and self.fsdp is None:
             self.fsdp = FullyShardedModel(self.task.model)
             self.optimizer = build_optimizer(self.optim_cfg, self.task.model)
