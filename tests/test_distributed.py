@@ -171,17 +171,80 @@ def test_finetuning_refuses_fsdp(tmp_path):
     assert proc.returncode != 0 and "train.parallel=fsdp" in proc.stderr
 
 
-def test_commands_not_yet_data_parallel_refuse_torchrun(tmp_path, fmnist):  # noqa: F811
-    """Only pretraining and fine-tuning run under torchrun so far; the others say so."""
+def test_frozen_feature_commands_refuse_torchrun(tmp_path):
+    """k-NN and the linear probe read a frozen encoder's features in one process; under
+    torchrun they say so instead of hanging."""
+    from tests.test_downstream import KNN, SCRATCH
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scratch = [f"{k}={v}" for k, v in SCRATCH.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "mimkit.cli", "knn", "-c", str(KNN), f"run.dir={tmp_path / 'run'}",
+           "model.init=null", "data.name=synthetic", *scratch]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "mimkit knn runs in one process" in proc.stderr
+
+
+def _dense(command: str, run, root, *extra: str, nproc: int = 2):
+    from tests.test_dense_tasks import DET, SCRATCH, SEG, _args
+
+    values = {**SCRATCH, "model.depth": 2, "train.batch_size": 2}  # per process: 2 x 2 = 4
+    config = SEG if command == "segment" else DET
+    return _mimkit([command, "-c", str(config), *_args(run, root, "null", **values), *extra], nproc)
+
+
+@pytest.mark.parametrize("command", ["segment", "detect"])
+def test_dense_tasks_train_on_two_processes_and_resume(tmp_path, fmnist, command):  # noqa: F811
+    """Segmentation (SETR-PUP, BatchNorm in its head) and detection (Mask R-CNN) under torchrun:
+    rank 0 alone evaluates, reports and writes; a run stopped by train.max_steps resumes on two
+    processes to the end. 16 canvases, 4 per optimizer step: 4 steps per epoch."""
+    run = tmp_path / "run"
+    first = _dense(command, run, fmnist, "train.max_steps=4")
+    out = first.stdout
+    assert out.count("eval epoch 1 ") == 1 and out.count("run directory:") == 1
+    if command == "segment":  # torch syncs BatchNorm on accelerators only: the log says so
+        assert out.count("BatchNorm statistics per process (2 on CPU") == 1
+    second = _dense(command, run, fmnist, "train.max_steps=null", "--resume")
+    assert second.stdout.count("eval epoch 2 ") == 1
+    saved = json.loads((run / "eval.json").read_text())
+    assert [h["step"] for h in saved["history"]] == [4, 8]
+    metric = "mIoU" if command == "segment" else "box_map"
+    assert all(h[metric] is None or h[metric] >= 0 for h in saved["history"])
+    weights, meta = ckpt.load_weights(run / "model_last.safetensors")
+    assert meta["step"] == 8 and not any(k.startswith("module.") for k in weights)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt"))
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in train if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # rows written once, by rank 0
+
+
+def test_dense_tasks_refuse_fsdp(tmp_path, fmnist):  # noqa: F811
     from tests.test_dense_tasks import SCRATCH, SEG, _args
 
-    args = _args(tmp_path / "run", fmnist, "null", **{**SCRATCH, "model.depth": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _args(tmp_path / "r", fmnist, "null", **SCRATCH)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "mimkit.cli", "segment", "-c", str(SEG), *args]  # fmt: skip
+           "-m", "mimkit.cli", "segment", "-c", str(SEG), *args, FSDP]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    msg = "only `mimkit pretrain` and `mimkit finetune` are data-parallel"
-    assert proc.returncode != 0 and msg in proc.stderr
+    assert proc.returncode != 0 and "mimkit segment is data-parallel with DDP" in proc.stderr
+
+
+def test_tokenizer_trains_on_two_processes(tmp_path):
+    """The dVAE under torchrun: rank 0 alone evaluates and writes the tokenizer."""
+    from tests.test_beit_pretrain import DVAE
+
+    run = tmp_path / "tok"
+    args = [
+        f"run.dir={run}", "data.name=synthetic", "data.synthetic_size=64", "tokenizer.img_size=16",
+        "tokenizer.in_chans=3", "tokenizer.vocab_size=32", "tokenizer.hidden_dim=8",
+        "tokenizer.codebook_dim=8", "tokenizer.downsample=4", "train.batch_size=8",
+        "train.epochs=1", "eval.samples=16", "optim.warmup_epochs=0", "train.log_every_steps=1",
+    ]  # fmt: skip
+    proc = _mimkit(["tokenizer", "train", "-c", str(DVAE), *args], nproc=2)
+    assert proc.stdout.count("tokenizer:  ") == 1
+    meta = ckpt.read_metadata(run / "tokenizer.safetensors")
+    assert meta["kind"] == "dvae" and meta["step"] == 4  # 64 images, 2 x 8 per step
+    assert json.loads((run / "eval.json").read_text())["tokenizer"]["num_images"] == 16
 
 
 FSDP = "train.parallel=fsdp"
@@ -226,3 +289,26 @@ def test_a_ddp_checkpoint_is_not_resumed_under_fsdp(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert "train.parallel='fsdp' differs from the run's saved value 'ddp'" in proc.stderr
+
+
+def test_segmentation_batchnorm_is_synchronized_on_gpus_only(monkeypatch):
+    """Several ranks on GPUs: every BatchNorm becomes SyncBatchNorm with the same state-dict
+    keys (checkpoints load in one process); on CPU or alone the model is left as it is."""
+    from mimkit.engine.distributed import sync_batchnorm
+    from mimkit.models.segmentation import SetrPUPHead
+
+    def head():
+        torch.manual_seed(0)
+        return SetrPUPHead(8, 3, channels=8, upsample=4)
+
+    keys = set(head().state_dict())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    model, note = sync_batchnorm(head(), torch.device("cuda"))
+    assert note is None and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model, note = sync_batchnorm(head(), torch.device("cpu"))
+    assert "per process" in note
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    model, note = sync_batchnorm(head(), torch.device("cuda"))  # converting needs no GPU
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(synced) == 2 and "SyncBatchNorm" in note and set(model.state_dict()) == keys

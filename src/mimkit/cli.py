@@ -6,7 +6,10 @@ User errors (bad recipes, overrides, paths) print one line to stderr and exit wi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mimkit.config import ConfigError, load_config
@@ -429,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _stdout_on_rank0() -> Iterator[None]:
+    """Under torchrun, only rank 0 prints its reports (as the official MAE/BEiT code); the
+    other ranks' errors and warnings still reach stderr."""
+    from mimkit.engine.distributed import is_main
+
+    if is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -437,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with _stdout_on_rank0():
+            return args.func(args)
     except ConfigError as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ __all__ = [
     "pick_device",
     "rank",
     "shutdown",
+    "sync_batchnorm",
     "world_size",
 ]
 
@@ -139,6 +140,24 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> tuple[nn.Module, str | None]:
+    """BatchNorm across processes, as the official BEiT segmentation's SyncBN: with several
+    ranks on GPUs, every BatchNorm becomes ``SyncBatchNorm`` (the same state-dict keys, so
+    checkpoints load in one process). torch syncs only on accelerators: on CPU each rank
+    normalizes its own share of the batch (DDP broadcasts rank 0's running statistics).
+    Returns the model and a note for the run's log (None when nothing applies)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if world_size() <= 1 or not has_bn:
+        return model, None
+    if device.type == "cpu":
+        return model, (
+            f"BatchNorm statistics per process ({world_size()} on CPU: torch's SyncBatchNorm "
+            "needs a GPU); the running statistics are rank 0's"
+        )
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, f"BatchNorm synchronized across {world_size()} processes (SyncBatchNorm)"
 
 
 class DataParallelModel(DistributedDataParallel):

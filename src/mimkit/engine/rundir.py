@@ -29,19 +29,26 @@ def restarted_with_checkpoint(cfg: Any) -> bool:
 
 
 def prepare_run(
-    cfg: Any, *, resume: bool, single_process: str | None = None
+    cfg: Any, *, resume: bool, single_process: str | None = None, ddp_only: str | None = None
 ) -> tuple[Path, torch.device]:
     """Validate the run directory for a fresh run or a resume, seed, and write ``config.yaml``.
 
     Under torchrun, joins the process group first; rank 0 writes, the others wait for it.
+    ``single_process`` (a command's name) refuses torchrun; ``ddp_only`` refuses
+    ``train.parallel=fsdp`` under it.
 
     A fresh run refuses a ``run.dir`` that already holds checkpoints; a resume needs a complete
     checkpoint and the saved config, except :data:`RESUMABLE_CHANGES`. Returns (run dir, device).
     """
     if single_process and world_size() > 1:
         raise ConfigError(
-            f"{single_process} runs in one process for now (only `mimkit pretrain` and "
-            "`mimkit finetune` are data-parallel under torchrun): start it without torchrun"
+            f"{single_process} runs in one process (it reads a frozen encoder's features; "
+            "the training commands are the data-parallel ones): start it without torchrun"
+        )
+    if ddp_only and world_size() > 1 and cfg.train.parallel == "fsdp":
+        raise ConfigError(
+            f"train.parallel=fsdp: {ddp_only} is data-parallel with DDP under torchrun "
+            "(train.parallel=ddp); FSDP is for pretraining"
         )
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"

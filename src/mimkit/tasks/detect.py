@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from mimkit.config.dense import DetectConfig
 from mimkit.data.dense_transforms import DenseView, DetectTransform, detection_collate
+from mimkit.engine.distributed import sync_batchnorm
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput
 from mimkit.models.detection import Detector, build_detector
@@ -103,7 +104,8 @@ def evaluate_detector(
     from torchmetrics.detection import MeanAveragePrecision
 
     iou_type = ("bbox", "segm") if masks else "bbox"
-    metric = MeanAveragePrecision(iou_type=iou_type, class_metrics=True)
+    # under torchrun rank 0 evaluates alone: no gathering across processes
+    metric = MeanAveragePrecision(iou_type=iou_type, class_metrics=True, sync_on_compute=False)
     was = model.training
     model.eval()
     for images, targets in loader:
@@ -145,13 +147,13 @@ def evaluate_detector(
 def run_detect(cfg: DetectConfig, *, resume: bool = False) -> DenseResult:
     """Train and evaluate a detector as ``cfg`` says; write everything to ``cfg.run.dir``."""
     e, d, h = cfg.model, cfg.data, cfg.head
-    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit detect")
+    run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit detect")
     mean, std = pretraining_normalization(e.init)
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
     model, loaded = build_detector_from_config(
         cfg, num_classes=data.num_classes, mean=data.mean, std=data.std
     )
-    model.to(device)
+    model, bn_note = sync_batchnorm(model.to(device), device)  # none in the default detector
     meta = dense_metadata(cfg, loaded, data, kind="detector")
     meta["layout"] = "torchvision-rcnn"
     task = DetectTask(model, masks=bool(h.masks), metadata=meta)
@@ -196,6 +198,7 @@ def run_detect(cfg: DetectConfig, *, resume: bool = False) -> DenseResult:
 
     notes = [
         *loaded.notes,
+        *([bn_note] if bn_note else []),
         f"{len(data.train)} training / {len(data.eval)} evaluation images, "
         f"{data.num_classes - 1} classes + background, "
         f"{'Mask' if h.masks else 'Faster'} R-CNN on a simple feature pyramid",

@@ -24,7 +24,7 @@ from mimkit.config.downstream import FinetuneConfig
 from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, FinetuneTransform, sample_seed
 from mimkit.data.transforms import seeded_globals
 from mimkit.engine import checkpoint as ckpt
-from mimkit.engine.distributed import is_main, world_size
+from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models.heads import Classifier
@@ -179,13 +179,8 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             f"train.batch_size={cfg.train.batch_size} must be even with Mixup/CutMix "
             "(or set aug.mixup=0 aug.cutmix=0)"
         )
-    if cfg.train.parallel == "fsdp" and world_size() > 1:
-        raise ConfigError(
-            "train.parallel=fsdp: mimkit finetune is data-parallel with DDP under torchrun "
-            "(train.parallel=ddp); FSDP is for pretraining"
-        )
     # under torchrun: DDP, every rank on its share of the batches; rank 0 evaluates and writes
-    run_dir, device = prepare_run(cfg, resume=resume)
+    run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit finetune")
     # normalization: the pretraining's, so the encoder sees what it was trained on
     mean, std = pretraining_normalization(e.init)  # read from the header only
     data = classify_data(

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from mimkit.config.dense import SegmentConfig
 from mimkit.data.dense_transforms import DenseView, SegmentTransform, segmentation_collate
+from mimkit.engine.distributed import sync_batchnorm
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.trainer import StepOutput
 from mimkit.models.segmentation import Segmenter, slide_inference, whole_inference
@@ -119,10 +120,12 @@ def evaluate_segmenter(
     """
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+    # under torchrun rank 0 evaluates alone: no gathering across processes
+    local = {"ignore_index": ignore_index, "sync_on_compute": False}
     iou = MulticlassJaccardIndex(
-        num_classes, average="none", ignore_index=ignore_index, zero_division=float("nan")
+        num_classes, average="none", zero_division=float("nan"), **local
     ).to(device)
-    acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index).to(device)
+    acc = MulticlassAccuracy(num_classes, average="micro", **local).to(device)
     was = model.training
     model.eval()
     stride = stride or max(1, size * 2 // 3)
@@ -152,11 +155,11 @@ def evaluate_segmenter(
 def run_segment(cfg: SegmentConfig, *, resume: bool = False) -> DenseResult:
     """Train and evaluate a segmenter as ``cfg`` says; write everything to ``cfg.run.dir``."""
     e, d = cfg.model, cfg.data
-    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit segment")
+    run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit segment")
     mean, std = pretraining_normalization(e.init)  # the encoder sees what it was trained on
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
     model, loaded = build_segmenter(cfg, num_classes=data.num_classes)
-    model.to(device)
+    model, bn_note = sync_batchnorm(model.to(device), device)  # SyncBN under torchrun on GPUs
     meta = dense_metadata(cfg, loaded, data, kind="segmenter")
     task = SegmentTask(
         model, ignore_index=d.ignore_index, aux_weight=cfg.head.aux_weight, metadata=meta
@@ -233,6 +236,7 @@ def run_segment(cfg: SegmentConfig, *, resume: bool = False) -> DenseResult:
 
     notes = [
         *loaded.notes,
+        *([bn_note] if bn_note else []),
         f"{len(data.train)} training / {len(data.eval)} evaluation images, "
         f"{data.num_classes} classes, head {cfg.head.kind}",
     ]

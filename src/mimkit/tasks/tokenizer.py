@@ -134,7 +134,7 @@ class TokenizerResult:
 
 def run_tokenizer(cfg: TokenizerConfig, *, resume: bool = False) -> TokenizerResult:
     """Train a dVAE tokenizer as ``cfg`` says; write everything to ``cfg.run.dir``."""
-    run_dir, device = prepare_run(cfg, resume=resume, single_process="mimkit tokenizer train")
+    run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit tokenizer train")
     t, d = cfg.tokenizer, cfg.data
     base = build_dataset(d, img_size=t.img_size, channels=t.in_chans, report=run_dir / SKIP_REPORT)
     zeros, ones = [0.0] * t.in_chans, [1.0] * t.in_chans  # the tokenizer sees [0, 1] pixels
