@@ -220,6 +220,29 @@ def test_segmentation_folder_errors(ade_root, tmp_path):
         SegmentationFolder(tmp_path / "empty")
 
 
+def test_segmentation_folder_names_an_undecodable_image_or_label(ade_root):
+    """Images go through mimkit's decoder (raster formats only, EXIF orientation applied as
+    OpenCV does for mmseg); label maps must be PNG. A bad file is named, not a Pillow trace."""
+    from mimkit.data import BadImageError
+
+    root, _, _ = ade_root
+    ds = SegmentationFolder(root)
+    (root / "images/training/a.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n")  # not a raster
+    with pytest.raises(BadImageError, match=r"a\.png: cannot decode"):
+        ds[0]
+    jpeg = root / "annotations/training/b.png"
+    Image.new("L", (8, 10)).save(jpeg, format="JPEG")  # a JPEG under a .png name
+    with pytest.raises(BadImageError, match=r"b\.png: cannot decode the label PNG"):
+        ds[1]
+    rotated = Image.fromarray(np.zeros((10, 8, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    rotated.save(root / "images/training/b.jpg", exif=exif)
+    Image.fromarray(np.zeros((10, 8), np.uint8)).save(jpeg)
+    with pytest.raises(ValueError, match=r"label size \(10, 8\) != image size \(8, 10\)"):
+        ds[1]  # oriented for display, the image no longer fits its label map: said
+
+
 # --- CocoDetection ---------------------------------------------------------------------------
 
 

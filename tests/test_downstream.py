@@ -482,6 +482,10 @@ def test_visualize_from_python(tmp_path, pretrained):
         visualize_attention(str(pretrained["beit"]), images=[img], patches=[(9, 0)])
     with pytest.raises(ConfigError, match="MAE checkpoint"):
         visualize_reconstruction(str(pretrained["beit"]), fashion_mnist=[], paths=["x.png"])
+    eps = tmp_path / "figure.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n")  # Pillow's EPS plugin would run Ghostscript
+    with pytest.raises(ConfigError, match=r"figure\.png: not a readable image"):
+        visualize_attention(str(pretrained["beit"]), paths=[str(eps)])
 
 
 @pytest.mark.parametrize("spec", ["rand-m10-mstd0.5-inc1", "rand-m0-mstd0.5", "rand-m9-mstd0.5"])

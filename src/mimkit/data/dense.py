@@ -36,7 +36,9 @@ from mimkit.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    BadImageError,
     FashionMNIST,
+    load_image,
 )
 
 __all__ = [
@@ -64,11 +66,14 @@ def _mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _load_image(path: Path, channels: int) -> Tensor:
-    """An image file -> uint8 (C, H, W), converted explicitly to L or RGB."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    t = torch.from_numpy(arr.copy())
-    return (t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)).contiguous()
+    """An image file -> uint8 (C, H, W) through mimkit's decoder (raster formats only, the
+    decompression-bomb limit), L or RGB. The EXIF orientation is applied, as mmseg/mmdet
+    (OpenCV's decoder) and detectron2 do: COCO's annotations refer to the oriented image. A
+    file that cannot be decoded raises :class:`BadImageError` naming it."""
+    try:
+        return load_image(path, channels=channels)
+    except (OSError, ValueError) as err:
+        raise BadImageError(f"{path}: cannot decode ({err})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,10 +286,15 @@ class SegmentationFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
         img_path, ann_path = self.samples[i]
         image = _load_image(img_path, self.channels)  # (C, H, W) uint8
-        with Image.open(ann_path) as im:
-            if im.mode not in ("L", "P"):
-                raise ValueError(f"{ann_path}: expected an 8-bit label PNG (L or P), got {im.mode}")
-            raw = torch.from_numpy(np.asarray(im, dtype=np.uint8).astype(np.int64))  # (H, W)
+        try:
+            with Image.open(ann_path, formats=["PNG"]) as im:  # label maps: PNG only
+                mode = im.mode
+                arr = np.asarray(im, dtype=np.uint8) if mode in ("L", "P") else None
+        except OSError as err:
+            raise BadImageError(f"{ann_path}: cannot decode the label PNG ({err})") from None
+        if arr is None:
+            raise ValueError(f"{ann_path}: expected an 8-bit label PNG (L or P), got {mode}")
+        raw = torch.from_numpy(arr.astype(np.int64))  # (H, W)
         if tuple(raw.shape) != tuple(image.shape[-2:]):
             raise ValueError(
                 f"{ann_path}: label size {tuple(raw.shape)} != image size "

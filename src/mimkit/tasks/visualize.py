@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from mimkit.config import ConfigError, ModelConfig
 from mimkit.config.downstream import EncoderConfig, resolve_encoder
 from mimkit.data import EvalTransform, FashionMNIST
+from mimkit.data.datasets import load_image
 from mimkit.engine.checkpoint import load_weights, read_metadata
 from mimkit.models import MAE, build_encoder
 from mimkit.models.attention import attention_maps
@@ -31,13 +30,10 @@ def load_images(paths: list[str], fashion_mnist: list[int], *, channels: int) ->
     for p in paths:
         if not Path(p).is_file():
             raise ConfigError(f"image not found: {p}")
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-        except OSError as err:
+        try:  # mimkit's decoder: raster formats only, the decompression-bomb limit, EXIF
+            images.append(load_image(p, channels=channels))
+        except (OSError, ValueError) as err:
             raise ConfigError(f"{p}: not a readable image ({err})") from None
-        t = torch.from_numpy(arr.copy())
-        images.append(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1))
     if fashion_mnist:
         if channels != 1:
             raise ConfigError("--fashion-mnist images are grayscale; this model takes RGB")
