@@ -286,15 +286,15 @@ class SegmentationFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
         img_path, ann_path = self.samples[i]
         image = _load_image(img_path, self.channels)  # (C, H, W) uint8
-        try:
-            with Image.open(ann_path, formats=["PNG"]) as im:  # label maps: PNG only
-                mode = im.mode
-                arr = np.asarray(im, dtype=np.uint8) if mode in ("L", "P") else None
+        try:  # label maps: PNG only; a wrong mode's ValueError is not an OSError
+            with Image.open(ann_path, formats=["PNG"]) as im:
+                if im.mode not in ("L", "P"):
+                    raise ValueError(
+                        f"{ann_path}: expected an 8-bit label PNG (L or P), got {im.mode}"
+                    )
+                raw = torch.from_numpy(np.asarray(im, dtype=np.uint8).astype(np.int64))  # (H, W)
         except OSError as err:
             raise BadImageError(f"{ann_path}: cannot decode the label PNG ({err})") from None
-        if arr is None:
-            raise ValueError(f"{ann_path}: expected an 8-bit label PNG (L or P), got {mode}")
-        raw = torch.from_numpy(arr.astype(np.int64))  # (H, W)
         if tuple(raw.shape) != tuple(image.shape[-2:]):
             raise ValueError(
                 f"{ann_path}: label size {tuple(raw.shape)} != image size "
