@@ -123,10 +123,12 @@ def test_the_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     text = capsys.readouterr().out
-    assert "| fp32 | 8 |" in text and "| bf16 | 8 |" in text and "MFU %" in text
+    assert "| fp32 | fused | 8 |" in text and "| bf16 | explicit | 8 |" in text  # auto, CPU
+    assert "MFU %" in text and "bf16 / fp32 images/s: " in text
     assert "data pipeline alone" in text and str(out) in text
     data = json.loads(out.read_text())
     assert [t["precision"] for t in data["train"]] == ["fp32", "bf16"]
+    assert [t["attention"] for t in data["train"]] == ["fused", "explicit"]
     assert all(t["images_per_s"] > 0 and t["flops_per_step"] > 0 for t in data["train"])
     facts = data["machine"]
     assert facts["torch"] == torch.__version__ and facts["device"] == "cpu"

@@ -5,9 +5,10 @@ backward, AdamW; bf16 = ``torch.autocast``): images/s, step time over rounds, pe
 per step (``FlopCounterMode``, one forward + backward) and MFU against the device's matmul peak
 measured in the same run and dtype; (2) ``compare``: the same model and batch, interleaved
 round by round, against Hugging Face's ``ViTMAEForPreTraining`` / ``BeitForMaskedImageModeling``
-(SDPA, equal sizes) and, for MAE, against itself with the encoder on the full sequence (the MAE
-paper's "encoder w/ [M]", Table 2c); (3) the recipe's training DataLoader alone. BEiT's targets
-are random visual-token ids: no tokenizer runs. The measuring pieces: :mod:`mimkit.engine.perf`.
+(SDPA and/or eager attention, equal sizes) and, for MAE, against itself with the encoder on the
+full sequence (the MAE paper's "encoder w/ [M]", Table 2c); (3) the recipe's training
+DataLoader alone. BEiT's targets are random visual-token ids: no tokenizer runs. The measuring
+pieces: :mod:`mimkit.engine.perf`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mimkit.config import validate as validate_pretrain
 from mimkit.engine import perf
 from mimkit.engine.perf import Workload
 from mimkit.masking import Mask, mask_from_bool
+from mimkit.models.attention import fused_attention_wanted, set_attention
 from mimkit.tasks.pretrain import mask_sampler
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_VOCAB_SIZE = 8192  # the DALL-E tokenizer's, as in the BEiT paper
+HF_ATTENTION = ("sdpa", "eager")  # Hugging Face's attn_implementation, sdpa its default
 HF_ARCHITECTURES = {"mae": "ViTMAEForPreTraining", "beit": "BeitForMaskedImageModeling"}
 NAMES = {"mae": "MAE", "beit": "BEiT"}
 
@@ -92,13 +95,14 @@ class TrainStats:
     matmul_peak_tflops: float  # square matmuls in this precision's dtype
     mfu: float  # achieved / matmul peak, a fraction
     optimizer: str  # the AdamW implementation: fused | foreach
+    attention: str = "fused"  # fused | explicit, as train.attention resolves on this device
 
 
 @dataclasses.dataclass
 class Side:
     """One workload of an interleaved comparison."""
 
-    name: str  # mimkit | hf | full_sequence
+    name: str  # mimkit | hf (SDPA) | hf_eager | full_sequence
     label: str
     images_per_s: float  # median over the rounds
     step_ms: float
@@ -229,8 +233,8 @@ def _transformers():
     return transformers
 
 
-def _hf_model(cfg: PretrainConfig, model: nn.Module) -> nn.Module:
-    """The Hugging Face model of the same sizes: random weights, SDPA attention."""
+def _hf_model(cfg: PretrainConfig, model: nn.Module, attention: str = "sdpa") -> nn.Module:
+    """The Hugging Face model of the same sizes: random weights, ``attention`` (sdpa | eager)."""
     from mimkit.interop.hf import to_hf
 
     transformers, arch = _transformers(), HF_ARCHITECTURES[cfg.model.method]
@@ -243,7 +247,9 @@ def _hf_model(cfg: PretrainConfig, model: nn.Module) -> nn.Module:
     hf_cfg["layer_norm_eps"] = 1e-6
     mae = cfg.model.method == "mae"
     config_class = transformers.ViTMAEConfig if mae else transformers.BeitConfig
-    return getattr(transformers, arch)(config_class.from_dict(hf_cfg, attn_implementation="sdpa"))
+    return getattr(transformers, arch)(
+        config_class.from_dict(hf_cfg, attn_implementation=attention)
+    )
 
 
 def _hf_loss(cfg: PretrainConfig, hf: nn.Module, x: _Inputs) -> Callable[[], torch.Tensor]:
@@ -259,6 +265,7 @@ def _hf_loss(cfg: PretrainConfig, hf: nn.Module, x: _Inputs) -> Callable[[], tor
 def _measure(
     cfg: PretrainConfig, precision: str, *, batch: int, vocab: int | None, steps: int,
     warmup: int, rounds: int, compare: bool, peak: float, device: torch.device,
+    hf_attention: Sequence[str] = ("sdpa",),
 ) -> tuple[TrainStats, CompareStats | None]:  # fmt: skip
     """The training step at one precision; with ``compare``, the interleaved comparison."""
     from mimkit.models import build_beit, build_mae
@@ -269,6 +276,7 @@ def _measure(
     with perf.PeakMemory(device) as mem:  # weights, gradients, optimizer state, activations
         model = build_mae(cfg) if method == "mae" else build_beit(cfg, vocab_size=vocab)
         model = model.to(device).train()
+        set_attention(model, cfg.train.attention, device_type=device.type, precision=precision)
         opt, impl = _optimizer(model, cfg)
         loss = _mimkit_loss(cfg, model, x)
         ours = Workload("mimkit", f"mimkit {NAMES[method]}", loss, opt, **run)
@@ -285,12 +293,20 @@ def _measure(
         step_ms_max=1e3 * max(times), peak_memory_mib=mem.peak_bytes / 2**20,
         memory_kind=mem.kind, flops_per_step=flops, achieved_tflops=flops / step / 1e12,
         matmul_peak_tflops=peak / 1e12, mfu=flops / step / peak, optimizer=impl,
+        attention="fused" if fused_attention_wanted(
+            cfg.train.attention, device_type=device.type, precision=precision) else "explicit",
     )  # fmt: skip
     if not compare:
         return train, None
-    hf = _hf_model(cfg, model).to(device).train()
-    label = f"HF {HF_ARCHITECTURES[method]} (sdpa)"
-    others = [Workload("hf", label, _hf_loss(cfg, hf, x), _optimizer(hf, cfg)[0], **run)]
+    others = []
+    for attention in hf_attention:  # "hf": SDPA, HF's default; "hf_eager": its explicit path
+        hf = _hf_model(cfg, model, attention).to(device).train()
+        name, label = (
+            "hf" + ("" if attention == "sdpa" else f"_{attention}"),
+            HF_ARCHITECTURES[method],
+        )
+        loss, hf_opt = _hf_loss(cfg, hf, x), _optimizer(hf, cfg)[0]
+        others.append(Workload(name, f"HF {label} ({attention})", loss, hf_opt, **run))
     if method == "mae":  # the same module and optimizer, the whole sequence encoded
         label = "mimkit MAE, encoder on all tokens (MAE's 'encoder w/ [M]')"
         others.append(Workload("full_sequence", label, _full_sequence_loss(model, x), opt, **run))
@@ -356,18 +372,22 @@ def run_bench(
     data_batches: int = 20,
     matmul_size: int | None = None,
     config_path: str | None = None,
+    hf_attention: Sequence[str] = ("sdpa",),
 ) -> BenchResult:
     """Benchmark the model of a pretraining recipe (see the module docstring).
 
     ``precisions``: a subset of ("fp32", "bf16"), by default the recipe's ``train.precision``;
     ``batch_size``: by default the recipe's; ``data_batches=0`` skips the data pipeline;
-    ``matmul_size``: the side of the peak's square matmuls (default 8192 on CUDA, 1024 on CPU).
+    ``matmul_size``: the side of the peak's square matmuls (default 8192 on CUDA, 1024 on CPU);
+    ``hf_attention``: the Hugging Face attention implementations compared (sdpa, eager).
     """
     limits = {"steps": (steps, 1), "rounds": (rounds, 1), "warmup": (warmup, 0),
               "data-batches": (data_batches, 0), "batch-size": (batch_size, 1)}  # fmt: skip
     for key, (value, least) in limits.items():
         if value is not None and value < least:
             raise ConfigError(f"--{key}={value} is not allowed: must be >= {least}")
+    if bad := [a for a in hf_attention if a not in HF_ATTENTION]:
+        raise ConfigError(f"--hf-attention {bad[0]!r} is not allowed: one of {list(HF_ATTENTION)}")
     precisions = tuple(precisions or (cfg.train.precision,))
     if bad := [p for p in precisions if p not in PRECISIONS]:
         raise ConfigError(f"precision {bad[0]!r} is not allowed: one of {list(PRECISIONS)}")
@@ -389,7 +409,8 @@ def run_bench(
     for precision in precisions:
         peak = perf.matmul_peak(device, DTYPES[precision], size=matmul_size)
         t, c = _measure(cfg, precision, batch=batch, vocab=vocab, steps=steps, warmup=warmup,
-                        rounds=rounds, compare=compare, peak=peak, device=device)  # fmt: skip
+                        rounds=rounds, compare=compare, peak=peak, device=device,
+                        hf_attention=hf_attention)  # fmt: skip
         train.append(t)
         comparisons += [c] if c else []  # the next PeakMemory collects what this one left
     data = None
@@ -415,19 +436,23 @@ def format_report(r: BenchResult) -> str:
         f"{f['threads']} threads"
         + (f"; our step compiled with torch.compile, {f['compile']}" if f.get("compile") else ""),
         "",
-        "| precision | batch | images/s | step ms (min-max) | peak mem MiB | GFLOP/step | TFLOP/s "
-        "| matmul peak TFLOP/s | MFU % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| precision | attention | batch | images/s | step ms (min-max) | peak mem MiB "
+        "| GFLOP/step | TFLOP/s | matmul peak TFLOP/s | MFU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in r.train:
         lines.append(
-            f"| {t.precision} | {t.batch_size} | {t.images_per_s:.1f} | {t.step_ms:.2f} "
+            f"| {t.precision} | {t.attention} | {t.batch_size} | {t.images_per_s:.1f} | "
+            f"{t.step_ms:.2f} "
             f"({t.step_ms_min:.2f}-{t.step_ms_max:.2f}) | {t.peak_memory_mib:.0f} | "
             f"{t.flops_per_step / 1e9:.3f} | {t.achieved_tflops:.3f} | "
             f"{t.matmul_peak_tflops:.3f} | {100 * t.mfu:.1f} |"
         )
     if r.train:
         lines.append(f"peak memory: {r.train[0].memory_kind}; AdamW: {r.train[0].optimizer}")
+    if len(by := {t.precision: t.images_per_s for t in r.train}) == 2:
+        lines.append(f"bf16 / fp32 images/s: {by['bf16'] / by['fp32']:.2f}x (measured one after "
+                     "the other)")  # fmt: skip
     for c in r.compare:
         lines += [
             "",
@@ -460,6 +485,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps, warmup=args.warmup, rounds=args.rounds, batch_size=args.batch_size,
         compare=args.compare, data_batches=args.data_batches, matmul_size=args.matmul_size,
         config_path=args.config,
+        hf_attention=HF_ATTENTION if args.hf_attention == "both" else (args.hf_attention,),
     )  # fmt: skip
     print(format_report(result))
     if args.json:
@@ -488,6 +514,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help=compare)
     precision = "default: the recipe's train.precision"
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], help=precision)
+    hf_attention = "with --compare: Hugging Face's attention, sdpa (its default), eager or both"
+    p.add_argument("--hf-attention", choices=[*HF_ATTENTION, "both"], default="sdpa",
+                   help=hf_attention)  # fmt: skip
     for flag, default, text in (
         ("--steps", 10, "training steps per timed round (default 10)"),
         ("--warmup", 3, "untimed steps before the rounds (default 3)"),

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from mimkit.config.core import fail, positive, world_size
 
+# train.attention: how the timm attention layers compute (mimkit.models.attention.set_attention)
+ATTENTION_MODES = ("auto", "fused", "explicit")
+
 __all__ = [
     "VIT_PRESETS",
     "DataConfig",
@@ -151,6 +154,9 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | ...-no-cudagraphs
     compile_backend: str = "inductor"  # any of torch._dynamo.list_backends(); eager: a check
+    # attention: fused (torch's scaled_dot_product_attention) | explicit (matmuls + softmax) |
+    # auto (explicit in bf16 on CPU, where it is faster; fused elsewhere)
+    attention: str = "auto"
     log_every_steps: int = 10
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
@@ -408,6 +414,8 @@ def validate_train(t: TrainConfig) -> None:
         fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "one of ['ddp', 'fsdp']")
+    if t.attention not in ATTENTION_MODES:
+        fail("train.attention", t.attention, f"one of {list(ATTENTION_MODES)}")
     modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     if t.compile_mode not in modes:
         fail("train.compile_mode", t.compile_mode, f"one of {modes}")

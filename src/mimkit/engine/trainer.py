@@ -41,6 +41,7 @@ from mimkit.engine.distributed import (
 )
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer, schedule_lr, set_lr
+from mimkit.models.attention import set_attention
 
 __all__ = ["NonFiniteLossError", "StepOutput", "Task", "TrainResult", "Trainer"]
 
@@ -109,6 +110,9 @@ class Trainer:
         collate_fn: Callable | None = None,
     ) -> None:
         self.task, self.data, self.optim_cfg, self.cfg = task, data, optim, train
+        # fused or explicit attention (train.attention; auto: explicit in bf16 on CPU)
+        set_attention(task.model, train.attention, device_type=device.type,
+                      precision=train.precision)  # fmt: skip
         self.run_dir, self.device, self.seed = Path(run_dir), device, seed
         self.on_epoch_end = on_epoch_end
         # a stream (IterableDataset: tar shards) splits itself over ranks and workers

@@ -1,4 +1,8 @@
-"""Self-attention probabilities of an encoder block, computed explicitly.
+"""How attention runs in training, and the self-attention probabilities of an encoder block.
+
+:func:`set_attention` picks, for every timm attention layer of a model, between torch's fused
+``scaled_dot_product_attention`` and the explicit path (``softmax(q k^T * scale + bias) v`` as
+matmuls), which timm keeps behind each layer's ``fused_attn`` flag; ``train.attention`` chooses.
 
 timm's attention layers use fused ``scaled_dot_product_attention``, which never materializes the
 softmax probabilities, so they are recomputed here from the block's own weights: the block's input
@@ -16,7 +20,36 @@ import torch.nn.functional as F
 from timm.models.beit import Attention as BeitAttention
 from torch import nn
 
-__all__ = ["attention_maps"]
+from mimkit.config.pretrain import ATTENTION_MODES
+
+__all__ = ["ATTENTION_MODES", "attention_maps", "fused_attention_wanted", "set_attention"]
+
+
+def fused_attention_wanted(mode: str, *, device_type: str, precision: str) -> bool:
+    """Whether ``train.attention=mode`` means fused attention on this device and precision.
+
+    ``auto``: fused everywhere except in bf16 on CPU. There torch's fused CPU kernel (flash
+    attention) runs a ViT-B training step's attention forward + backward about 3x slower than
+    bf16 matmuls and a softmax do, and the explicit path makes the whole MAE ViT-B/16 step about
+    1.25x faster (``benchmarks/README.md``). In fp32, and on GPUs, the fused kernels are kept.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r}: one of {list(ATTENTION_MODES)}")
+    if mode != "auto":
+        return mode == "fused"
+    return not (device_type == "cpu" and precision == "bf16")
+
+
+def set_attention(model: nn.Module, mode: str, *, device_type: str, precision: str) -> int:
+    """Set every timm attention layer of ``model`` (those with a ``fused_attn`` flag: ViT, MAE
+    decoder and BEiT blocks) to fused or explicit attention, as :func:`fused_attention_wanted`
+    says. Only how attention is computed changes: weights, outputs (up to rounding) and
+    checkpoints do not. Returns the number of layers set."""
+    fused = fused_attention_wanted(mode, device_type=device_type, precision=precision)
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in layers:
+        m.fused_attn = fused
+    return len(layers)
 
 
 def _attention_probs(
