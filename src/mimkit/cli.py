@@ -452,9 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         args.paths += extra  # IN/OUT after an option: `convert dalle --trust-pickle IN OUT`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    succeeded = False
     try:
         with _stdout_on_rank0():
-            return args.func(args)
+            code = args.func(args)
+        succeeded = True
+        return code
     except ConfigError as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
         return 2
@@ -483,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from mimkit.engine.distributed import shutdown
 
-        shutdown()  # leave torchrun's process group, if this command joined one
+        # leave torchrun's process group, if this command joined one: after a success, every
+        # rank leaves together (a failed rank is ended by torchrun, which stops the others)
+        shutdown(wait=succeeded)
 
 
 if __name__ == "__main__":

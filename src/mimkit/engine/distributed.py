@@ -105,9 +105,13 @@ def init_distributed(device_name: str) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command)."""
+def shutdown(*, wait: bool = False) -> None:
+    """Leave the process group (at the end of a command). ``wait``: first wait for every rank
+    (after a command that succeeded), so that no rank tears its connections down while rank 0
+    still evaluates and writes; a rank that destroyed its gloo group early could abort."""
     if _initialized():
+        if wait and world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
