@@ -276,7 +276,11 @@ def _measure(
     with perf.PeakMemory(device) as mem:  # weights, gradients, optimizer state, activations
         model = build_mae(cfg) if method == "mae" else build_beit(cfg, vocab_size=vocab)
         model = model.to(device).train()
-        set_attention(model, cfg.train.attention, device_type=device.type, precision=precision)
+        # train.attention resolved once for this device and precision: the path the row reports
+        wanted = fused_attention_wanted(cfg.train.attention, device_type=device.type,
+                                        precision=precision)  # fmt: skip
+        attention = "fused" if wanted else "explicit"
+        set_attention(model, attention, device_type=device.type, precision=precision)
         opt, impl = _optimizer(model, cfg)
         loss = _mimkit_loss(cfg, model, x)
         ours = Workload("mimkit", f"mimkit {NAMES[method]}", loss, opt, **run)
@@ -293,20 +297,16 @@ def _measure(
         step_ms_max=1e3 * max(times), peak_memory_mib=mem.peak_bytes / 2**20,
         memory_kind=mem.kind, flops_per_step=flops, achieved_tflops=flops / step / 1e12,
         matmul_peak_tflops=peak / 1e12, mfu=flops / step / peak, optimizer=impl,
-        attention="fused" if fused_attention_wanted(
-            cfg.train.attention, device_type=device.type, precision=precision) else "explicit",
+        attention=attention,
     )  # fmt: skip
     if not compare:
         return train, None
     others = []
-    for attention in hf_attention:  # "hf": SDPA, HF's default; "hf_eager": its explicit path
-        hf = _hf_model(cfg, model, attention).to(device).train()
-        name, label = (
-            "hf" + ("" if attention == "sdpa" else f"_{attention}"),
-            HF_ARCHITECTURES[method],
-        )
-        loss, hf_opt = _hf_loss(cfg, hf, x), _optimizer(hf, cfg)[0]
-        others.append(Workload(name, f"HF {label} ({attention})", loss, hf_opt, **run))
+    for impl in hf_attention:  # "hf": SDPA, HF's default; "hf_eager": its explicit path
+        hf = _hf_model(cfg, model, impl).to(device).train()
+        name = "hf" if impl == "sdpa" else f"hf_{impl}"
+        label = f"HF {HF_ARCHITECTURES[method]} ({impl})"
+        others.append(Workload(name, label, _hf_loss(cfg, hf, x), _optimizer(hf, cfg)[0], **run))
     if method == "mae":  # the same module and optimizer, the whole sequence encoded
         label = "mimkit MAE, encoder on all tokens (MAE's 'encoder w/ [M]')"
         others.append(Workload("full_sequence", label, _full_sequence_loss(model, x), opt, **run))

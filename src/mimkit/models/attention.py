@@ -29,7 +29,7 @@ def fused_attention_wanted(mode: str, *, device_type: str, precision: str) -> bo
     """Whether ``train.attention=mode`` means fused attention on this device and precision.
 
     ``auto``: fused everywhere except in bf16 on CPU. There torch's fused CPU kernel (flash
-    attention) runs a ViT-B training step's attention forward + backward about 3x slower than
+    attention) runs a ViT-B training step's attention forward + backward 2 to 5x slower than
     bf16 matmuls and a softmax do, and the explicit path makes the whole MAE ViT-B/16 step about
     1.25x faster (``benchmarks/README.md``). In fp32, and on GPUs, the fused kernels are kept.
     """
