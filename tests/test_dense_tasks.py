@@ -196,6 +196,38 @@ def test_detect_runs_and_writes_its_contract(tmp_path, fmnist, pretrained, init,
     state, meta = ckpt.load_weights(run / "model_best.safetensors")
     assert meta["kind"] == "detector" and meta["layout"] == "torchvision-rcnn"
     assert any("mask_head" in k for k in state) == masks
+    if init == "beit":  # benchmarks/detect_diagnose.py reads the run back: the same box mAP
+        d = _diagnose_module().diagnose(run)
+        assert d["box_map"] == pytest.approx(r.last["box_map"], abs=1e-3)
+        for key in ("agnostic_map", "oracle_class_map", "gt_box_acc", "probe_tuned"):
+            assert -100 <= d[key] <= 100, key
+
+
+def _diagnose_module():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "detect_diagnose.py"
+    spec = importlib.util.spec_from_file_location("detect_diagnose", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detect_diagnosis_takes_classes_from_the_truth():
+    relabel = _diagnose_module().labels_from_truth
+    truth = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]),
+        "labels": torch.tensor([3, 7]),
+    }
+    pred = {
+        # on the first object, on the second (IoU 0.64), and on nothing
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [22, 22, 30, 30], [40, 40, 50, 50]]),
+        "labels": torch.tensor([1, 1, 5]),
+    }
+    assert relabel(pred, truth).tolist() == [3, 7, 5]
+    assert relabel(pred, truth, iou=0.7).tolist() == [3, 1, 5]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    assert relabel(pred, empty).tolist() == [1, 1, 5]
 
 
 def test_detection_map_on_a_hand_made_case():
