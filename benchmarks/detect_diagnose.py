@@ -19,9 +19,9 @@ evaluates the same test set four ways, all COCO-style box AP at IoU 0.50:0.95 fr
 
 The two rescored mAPs are computed at the network's input resolution and, on COCO data, do not
 set crowd regions aside as ``box_map`` does. ``oracle_class_map - box_map`` is what
-classification costs, ``agnostic_map`` bounds what
-localization allows. Several runs are compared side by side and, with ``--group``, averaged over
-seeds (run directories named ``<method>_s<seed>``, as ``benchmarks/dense_mosaic.py`` writes)::
+classification costs, ``agnostic_map`` bounds what localization allows. Several runs are
+compared side by side and, with ``--group``, averaged over seeds (run directories named
+``<method>_s<seed>``, as ``benchmarks/dense_mosaic.py`` writes)::
 
     python benchmarks/detect_diagnose.py runs/dense_250/detect/*_s? --group \\
         --out benchmarks/results/dense_mosaic/detect_diagnosis_1000.md
