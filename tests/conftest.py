@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,10 @@ import pytest
 from mimkit.config import PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# train.precision=auto (the default) picks bf16 on CPUs with avx512_bf16/AMX: the suite runs in
+# fp32 wherever it runs, so that its figures do not depend on the machine (test_precision.py
+# checks the detection itself)
+os.environ.setdefault("MIMKIT_PRECISION_AUTO", "fp32")
 DEMO = ROOT / "configs" / "pretrain" / "mae_vit_tiny_fmnist.yaml"
 
 

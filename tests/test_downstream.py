@@ -84,6 +84,7 @@ def _ft_args(run_dir, init, **extra) -> list[str]:
         "train.batch_size": 8,
         "train.log_every_steps": 2,
         "optim.warmup_epochs": 1,
+        "val_fraction": 0,  # all 64 images train; the tests of the held-out split set it
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -510,3 +511,78 @@ def test_a_budget_in_steps_spans_the_schedule(tmp_path):
     expected = cosine_lr(10, lr=cfg.optim.lr, min_lr=0.0, warmup_steps=8, total_steps=11)
     assert last["lr"] == pytest.approx(expected) and expected < 0.3 * cfg.optim.lr
     assert (tmp_path / "run" / "checkpoints" / "ckpt-00000011").is_dir()
+
+
+# ---- honest model selection: a validation split held out of the training labels ----
+
+
+def test_holdout_split_is_disjoint_balanced_and_seeded():
+    from mimkit.data import holdout_split
+
+    base = SyntheticImages(size=200, img_size=8, channels=1)
+    labeled = labeled_subset(base, fraction=0.5, seed=3)  # 100 images, 10 per class
+    train, val = holdout_split(labeled, 0.2, seed=1)
+    assert not set(train.indices) & set(val.indices)
+    assert sorted(train.indices + val.indices) == sorted(labeled.indices)
+    val_labels = [i % 10 for i in val.indices]  # SyntheticImages: label i % 10
+    assert sorted(np.bincount(val_labels, minlength=10).tolist()) == [2] * 10
+    again, _ = holdout_split(labeled, 0.2, seed=1)
+    other, _ = holdout_split(labeled, 0.2, seed=2)
+    assert again.indices == train.indices and other.indices != train.indices
+    tiny = labeled_subset(base, fraction=0.005, seed=0)  # one image per class
+    with pytest.raises(ValueError, match="at least 2 per class"):
+        holdout_split(tiny, 0.1, seed=0)
+
+
+def test_finetune_chooses_on_validation_and_scores_test_once(tmp_path, pretrained):
+    cfg = load_config(
+        FT,
+        _ft_args(tmp_path / "ft", pretrained["mae"], val_fraction=0.25, **{"train.epochs": 3}),
+        schema=FinetuneConfig,
+    )
+    res = run_finetune(cfg)
+    run = tmp_path / "ft"
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["selection"] == "val"
+    # 64 images, 10 classes: round(0.25 * n_c) held out of every class
+    n_val = saved["history"][0]["num_images"]
+    assert 10 <= n_val <= 20 and all(h["num_images"] == n_val for h in saved["history"])
+    assert res.train.step == 3 * ((64 - n_val) // 8)
+    # model_best is the best validation evaluation
+    best = max(saved["history"], key=lambda h: h["top1"])
+    assert res.best["step"] == best["step"] and res.best["top1"] == best["top1"]
+    # the test split (40 images) scored once, with model_best's weights
+    test = json.loads((run / "test.json").read_text())
+    assert test == res.test and test["selected_on"] == "val" and test["num_images"] == 40
+    assert test["selected"]["step"] == best["step"] and "note" not in test
+    ref_cfg = load_config(
+        FT, _ft_args("unused", run / "model_best.safetensors", **{"model.drop_path": 0}),
+        schema=FinetuneConfig,
+    )  # fmt: skip
+    model, _, _ = build_classifier(ref_cfg, num_classes=10)
+    from mimkit.data import build_dataset
+    from mimkit.tasks.downstream import evaluate_classifier
+
+    ds = build_dataset(ref_cfg.data, split="test", img_size=16, channels=3)
+    ds = torch.utils.data.Subset(ds, range(40))
+    meta = ckpt.read_metadata(run / "model_best.safetensors")
+    loader = torch.utils.data.DataLoader(
+        AugmentedView(ds, EvalTransform(16, meta["mean"], meta["std"])), batch_size=64
+    )
+    ref = evaluate_classifier(model, loader, device=torch.device("cpu"))
+    assert ref["top1"] == test["top1"] and ref["loss"] == pytest.approx(test["loss"], rel=1e-5)
+
+
+def test_finetune_without_validation_says_the_choice_is_optimistic(tmp_path, pretrained):
+    res = run_finetune(
+        load_config(FT, _ft_args(tmp_path / "ft", pretrained["mae"]), schema=FinetuneConfig)
+    )
+    assert res.test["selected_on"] == "eval" and "optimistic" in res.test["note"]
+    assert res.train.step == 2 * (64 // 8)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_bad_val_fraction_is_named(value):
+    with pytest.raises(ConfigError, match="val_fraction"):
+        load_config(FT, _ft_args("unused", "null", val_fraction=value, **SCRATCH),
+                    schema=FinetuneConfig)  # fmt: skip

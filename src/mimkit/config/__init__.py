@@ -1,6 +1,13 @@
 """Typed configuration: schemas, loading, validation (see :mod:`mimkit.config.core`)."""
 
-from mimkit.config.core import ConfigError, load_config, save_config, to_dict
+from mimkit.config.core import (
+    ConfigError,
+    load_config,
+    native_bf16,
+    resolve_precision,
+    save_config,
+    to_dict,
+)
 from mimkit.config.pretrain import (
     VIT_PRESETS,
     DataConfig,
@@ -39,7 +46,9 @@ __all__ = [
     "TokenizerRef",
     "TrainConfig",
     "load_config",
+    "native_bf16",
     "resolve",
+    "resolve_precision",
     "save_config",
     "to_dict",
     "validate",

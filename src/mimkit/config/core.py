@@ -20,7 +20,17 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["ConfigError", "fail", "load_config", "positive", "save_config", "to_dict", "world_size"]
+__all__ = [
+    "ConfigError",
+    "fail",
+    "load_config",
+    "native_bf16",
+    "positive",
+    "resolve_precision",
+    "save_config",
+    "to_dict",
+    "world_size",
+]
 
 
 class ConfigError(ValueError):
@@ -67,7 +77,7 @@ def _check_shape(data: Any, schema: type, source: str, prefix: str = "") -> None
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             _check_shape(value, type(default), source, f"{prefix}{key}.")
-        elif "list" in str(f.type) and value is not None and not isinstance(value, list):
+        elif str(f.type).startswith("list") and value is not None and not isinstance(value, list):
             raise ConfigError(f"{source}: bad value for '{prefix}{key}': {value!r} is not a list")
 
 
@@ -113,8 +123,64 @@ def load_config(
         raise ConfigError(_omegaconf_message(err, source)) from None
     if hasattr(cfg, "resolve"):
         cfg.resolve()
+    resolve_precision(cfg)
     cfg.validate()
     return cfg
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags as Linux lists them, or None where there is no such file."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86 | aarch64
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return set()
+
+
+def native_bf16(device: str = "auto") -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and why: a CUDA GPU that supports bf16, or a CPU
+    with ``avx512_bf16`` or AMX (Linux ``/proc/cpuinfo`` flags). ``device``: a ``run.device``."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        index = torch.device(device).index or 0
+        name = torch.cuda.get_device_name(index)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{name} supports bf16"
+        return False, f"{name} has no native bf16"
+    flags = cpu_flags()
+    if flags is None:
+        return False, "CPU flags unknown (no /proc/cpuinfo)"
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return True, f"the CPU has {' and '.join(native)}"
+    return False, "the CPU has neither avx512_bf16 nor AMX"
+
+
+def resolve_precision(cfg: Any) -> None:
+    """``train.precision=auto``: bf16 autocast where the device computes bf16 natively (see
+    :func:`native_bf16`), fp32 elsewhere. The choice is written into the config (and so into the
+    run's ``config.yaml``); the environment variable ``MIMKIT_PRECISION_AUTO`` (bf16 | fp32)
+    overrides the detection, for tests and for machines whose flags mislead."""
+    train, run = getattr(cfg, "train", None), getattr(cfg, "run", None)
+    if train is None or getattr(train, "precision", None) != "auto":
+        return
+    forced = os.environ.get("MIMKIT_PRECISION_AUTO")
+    if forced:
+        if forced not in ("bf16", "fp32"):
+            raise ConfigError(f"MIMKIT_PRECISION_AUTO={forced!r} is not allowed: bf16 or fp32")
+        train.precision = forced
+        train._precision_why = f"auto, MIMKIT_PRECISION_AUTO={forced}"
+        return
+    native, why = native_bf16(getattr(run, "device", "auto"))
+    train.precision = "bf16" if native else "fp32"
+    train._precision_why = f"auto: {why}"  # not a field: printed at the run's start, not saved
 
 
 def world_size() -> int:

@@ -221,6 +221,12 @@ class FinetuneConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval_every_epochs: int = 1
     eval_every_steps: int | None = None  # also evaluate every N optimizer steps (curves)
+    # held out of the labeled training images (seeded, class-balanced): the periodic evaluations
+    # run on it and choose model_best; the evaluation split (data.eval_split / eval_root) is
+    # scored once, at the end, with model_best's weights (test.json). 0: no validation split;
+    # evaluations and the choice of model_best run on the evaluation split itself (the official
+    # repos' practice, optimistic: the reported best is chosen on the data it is scored on)
+    val_fraction: float = 0.1
 
     def resolve(self) -> None:
         resolve_encoder(self.model)
@@ -259,6 +265,8 @@ class FinetuneConfig:
         if not 0 < self.ema.decay < 1:
             fail("ema.decay", self.ema.decay, "must be in (0, 1)")
         positive("eval_every_epochs", self.eval_every_epochs)
+        if not 0 <= self.val_fraction < 1:
+            fail("val_fraction", self.val_fraction, "must be in [0, 1) (0: no validation split)")
         if self.eval_every_steps is not None:
             positive("eval_every_steps", self.eval_every_steps)
 

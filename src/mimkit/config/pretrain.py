@@ -142,7 +142,9 @@ class TrainConfig:
     steps: int | None = (
         None  # a budget in optimizer steps instead of epochs (the schedule spans it)
     )
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    # auto (bf16 where the device computes it natively, fp32 elsewhere; resolved when the config
+    # is loaded, saved resolved) | fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
+    precision: str = "auto"
     # a non-finite loss or gradient norm: stop (before the optimizer step; the last checkpoint
     # stays intact) or skip that step, at most max_skipped_steps times in a run
     on_nonfinite: str = "stop"
@@ -406,8 +408,8 @@ def validate_train(t: TrainConfig) -> None:
         positive("train.max_steps", t.max_steps)
     if t.steps is not None:
         positive("train.steps", t.steps)
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        fail("train.precision", t.precision, "one of ['fp32', 'bf16', 'fp16']")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        fail("train.precision", t.precision, "one of ['auto', 'fp32', 'bf16', 'fp16']")
     if t.on_nonfinite not in ("stop", "skip"):
         fail("train.on_nonfinite", t.on_nonfinite, "one of ['stop', 'skip']")
     if t.max_skipped_steps < 0:

@@ -31,7 +31,12 @@ from mimkit.data.dense_transforms import (
     detection_collate,
     segmentation_collate,
 )
-from mimkit.data.labels import class_balanced_subset, dataset_labels, labeled_subset
+from mimkit.data.labels import (
+    class_balanced_subset,
+    dataset_labels,
+    holdout_split,
+    labeled_subset,
+)
 from mimkit.data.transforms import (
     BEiTTransform,
     EvalTransform,
@@ -69,6 +74,7 @@ __all__ = [
     "dataset_labels",
     "dataset_stats",
     "detection_collate",
+    "holdout_split",
     "labeled_subset",
     "make_loader",
     "read_idx",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["class_balanced_subset", "dataset_labels", "labeled_subset"]
+__all__ = ["class_balanced_subset", "dataset_labels", "holdout_split", "labeled_subset"]
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -52,3 +52,31 @@ def labeled_subset(dataset: Dataset, *, fraction: float = 1.0, seed: int = 0) ->
     else:
         idx = class_balanced_subset(labels, fraction, seed=seed)
     return Subset(dataset, idx.tolist())
+
+
+def holdout_split(subset: Subset, fraction: float, *, seed: int) -> tuple[Subset, Subset]:
+    """(train, validation): a seeded, class-balanced ``fraction`` of ``subset``'s samples (at least
+    one of every class) held out for validation, the rest for training; disjoint, and a function
+    of (labels, fraction, seed) only. Every class keeps at least one training sample."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    labels = dataset_labels(subset)
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2:
+            raise ValueError(
+                f"class {c} has {len(idx)} labeled sample: a validation split needs at least 2 "
+                "per class (raise the label fraction or set val_fraction=0)"
+            )
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    val = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    indices = torch.as_tensor(subset.indices)
+    return (
+        Subset(subset.dataset, indices[keep].tolist()),
+        Subset(subset.dataset, indices[val].tolist()),
+    )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import yaml
 
-from mimkit.config import ConfigError, save_config, to_dict
+from mimkit.config import ConfigError, resolve_precision, save_config, to_dict
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import barrier, init_distributed, is_main, rank, world_size
 
@@ -50,6 +50,7 @@ def prepare_run(
             f"train.parallel=fsdp: {ddp_only} is data-parallel with DDP under torchrun "
             "(train.parallel=ddp); FSDP is for pretraining"
         )
+    resolve_precision(cfg)  # a config built in Python, not loaded: train.precision=auto here
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     if resume:
@@ -69,6 +70,9 @@ def prepare_run(
     if is_main():
         (run_dir / "figures").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if hasattr(cfg, "train"):
+            why = getattr(cfg.train, "_precision_why", "train.precision")
+            print(f"mimkit: precision {cfg.train.precision} ({why})", flush=True)
     barrier()
     return run_dir, device
 

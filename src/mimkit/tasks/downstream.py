@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from mimkit.config import ConfigError
 from mimkit.config.downstream import ClassifyDataConfig, EncoderConfig
-from mimkit.data import build_dataset, dataset_labels, labeled_subset
+from mimkit.data import build_dataset, dataset_labels, holdout_split, labeled_subset
 from mimkit.engine.checkpoint import read_metadata
 from mimkit.models import build_encoder
 from mimkit.models.loading import EncoderWeights, find_checkpoint, load_encoder_weights
@@ -95,7 +95,8 @@ def load_encoder(e: EncoderConfig, *, drop_norm: bool = False) -> LoadedEncoder:
 @dataclass
 class ClassifyData:
     train: Dataset  # labeled (a class-balanced fraction) training samples, raw uint8 images
-    eval: Dataset
+    eval: Dataset  # the evaluation (test) split
+    val: Dataset | None  # held out of the labeled training samples (val_fraction > 0)
     num_classes: int
     classes: tuple[str, ...]
     mean: list[float]
@@ -111,9 +112,13 @@ def classify_data(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     report: str | Path | None = None,
+    val_fraction: float = 0.0,
 ) -> ClassifyData:
-    """Training and evaluation splits; normalization: data.mean/std, else ``mean``/``std`` (the
-    pretraining's), else the training set's statistics."""
+    """Training, validation and evaluation splits; normalization: data.mean/std, else
+    ``mean``/``std`` (the pretraining's), else the training set's statistics.
+
+    ``val_fraction`` > 0: a seeded, class-balanced share of the labeled training samples is held
+    out as the validation split (the seed of the label subset, offset), disjoint from training."""
     kw = dict(img_size=img_size, channels=channels, report=report)  # bad images listed there
     train_base = build_dataset(d, **kw)
     if d.name == "folder":
@@ -133,6 +138,9 @@ def classify_data(
     try:
         train = labeled_subset(train_base, fraction=d.label_fraction, seed=seed)
         eval_set = labeled_subset(eval_base)
+        val = None
+        if val_fraction > 0:
+            train, val = holdout_split(train, val_fraction, seed=seed + 104729)
     except ValueError as err:
         raise ConfigError(f"data: {err}") from None
     labels = dataset_labels(train_base)
@@ -144,7 +152,7 @@ def classify_data(
         std = list(d.std)
     mean = list(mean) if mean is not None else list(train_base.mean)
     std = list(std) if std is not None else list(train_base.std)
-    return ClassifyData(train, eval_set, num_classes, classes, mean, std)
+    return ClassifyData(train, eval_set, val, num_classes, classes, mean, std)
 
 
 def pretraining_normalization(init: str | None) -> tuple[list | None, list | None]:

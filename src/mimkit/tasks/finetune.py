@@ -2,8 +2,13 @@
 
 The protocol of BEiT (Sec. 3.1, Table 6) and MAE (Appendix A.2): average-pooled patch tokens with
 ``fc_norm`` (or the cls token), layer-wise lr decay, AdamW with warm-up and cosine decay, label
-smoothing, Mixup/CutMix, RandAugment, random erasing, drop path, optional weight EMA; top-1/top-5
-on the evaluation split every ``eval_every_epochs``; ``model_best`` and ``model_last`` weights.
+smoothing, Mixup/CutMix, RandAugment, random erasing, drop path, optional weight EMA.
+
+Model selection is honest by default: ``val_fraction`` of the labeled training images (seeded,
+class-balanced) is held out; top-1/top-5 on it every ``eval_every_epochs`` choose ``model_best``;
+the evaluation (test) split is scored once, at the end, with ``model_best``'s weights
+(``test.json``). With ``val_fraction=0`` the periodic evaluations and the choice run on the
+evaluation split itself, as in the official repositories (an optimistic figure, said so).
 Starting from a fine-tuned checkpoint is intermediate fine-tuning (BEiT Sec. 3.1): the encoder is
 kept, and the head too when the class count and pooling agree.
 """
@@ -121,6 +126,7 @@ class FinetuneResult:
     train: TrainResult
     best: dict[str, Any]  # the best evaluation (epoch, top1, top5, loss, which)
     last: dict[str, Any]
+    test: dict[str, Any]  # the evaluation split scored once with model_best (test.json)
     best_path: Path | None
     last_path: Path | None
     notes: list[str]
@@ -191,6 +197,7 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         mean=mean,
         std=std,
         report=run_dir / SKIP_REPORT,
+        val_fraction=cfg.val_fraction,
     )
     num_classes = e.num_classes or data.num_classes
     model, loaded, notes = build_classifier(cfg, num_classes=num_classes)
@@ -212,24 +219,36 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         ),
         seed=cfg.run.seed,
     )
-    eval_loader = DataLoader(
-        AugmentedView(data.eval, EvalTransform(e.img_size, data.mean, data.std)),
-        batch_size=max(cfg.train.batch_size, 256),
-        shuffle=False,
-        num_workers=d.num_workers,
-    )
+
+    def loader(split) -> DataLoader:
+        return DataLoader(
+            AugmentedView(split, EvalTransform(e.img_size, data.mean, data.std)),
+            batch_size=max(cfg.train.batch_size, 256),
+            shuffle=False,
+            num_workers=d.num_workers,
+        )
+
+    # the periodic evaluations: the validation split, or the evaluation split without one
+    selection = "val" if data.val is not None else "eval"
+    eval_loader = loader(data.val if data.val is not None else data.eval)
     if is_main():
         for note in notes:
             print(f"finetune: {note}", flush=True)
+        held = (
+            f"{len(data.val)} held out for validation (val_fraction={cfg.val_fraction}), "
+            if data.val is not None
+            else "no validation split (val_fraction=0: model_best is chosen on the evaluation "
+            "split), "
+        )
         print(
             f"finetune: {len(data.train)} labeled training images "
-            f"(label_fraction={d.label_fraction}), {len(data.eval)} evaluation images, "
+            f"(label_fraction={d.label_fraction}), {held}{len(data.eval)} evaluation images, "
             f"{num_classes} classes",
             flush=True,
         )
 
     eval_path = run_dir / "eval.json"
-    state = {"history": [], "best": None}
+    state = {"history": [], "best": None, "selection": selection}
     if resume and eval_path.is_file():
         saved = json.loads(eval_path.read_text())
         state["history"], state["best"] = saved.get("history", []), saved.get("best")
@@ -270,7 +289,8 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             )
         eval_path.write_text(json.dumps(state, indent=2) + "\n")
         print(
-            f"eval epoch {epoch:g} (step {step}): top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
+            f"{selection} epoch {epoch:g} (step {step}): "
+            f"top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
             + (f" (EMA top-1 {rec['ema_top1']:.2f}%)" if task.ema is not None else "")
             + f"; best {state['best']['top1']:.2f}% (epoch {state['best']['epoch']})",
             flush=True,
@@ -297,25 +317,68 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
     if resume:
         trainer.resume()
     result = trainer.fit()
+    test: dict[str, Any] = {}
     if is_main():
         if result.stopped_early:
             evaluate(result.epoch, True)
-        _curves(run_dir)
+        if result.stopped_early is False or result.step >= trainer.total_steps:
+            test = _score_test(cfg, model, best_path, loader(data.eval), state, device, run_dir)
+        _curves(run_dir, selection)
     hist = state["history"]
     return FinetuneResult(
-        run_dir,
-        result,
-        state["best"] or {},
-        hist[-1] if hist else {},
-        best_path if best_path.exists() else None,
-        last_path if last_path.exists() else None,
-        notes,
-        hist,
+        run_dir=run_dir,
+        train=result,
+        best=state["best"] or {},
+        last=hist[-1] if hist else {},
+        test=test,
+        best_path=best_path if best_path.exists() else None,
+        last_path=last_path if last_path.exists() else None,
+        notes=notes,
+        history=hist,
     )
 
 
-def _curves(run_dir: Path) -> None:
-    """figures/finetune_curves.png: training loss and evaluation top-1 against the step."""
+def _score_test(cfg, model, best_path: Path, test_loader, state, device, run_dir: Path) -> dict:
+    """The evaluation split, scored once with ``model_best``'s weights -> ``test.json``."""
+    test_path = run_dir / "test.json"
+    if test_path.is_file():  # a finished run, resumed: scored already
+        return json.loads(test_path.read_text())
+    best = state["best"] or {}
+    if not best_path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    # the trained module itself, its weights swapped for model_best's and back
+    trained = {k: v.clone() for k, v in model.timm_state_dict().items()}
+    model.load_timm_state_dict(load_file(str(best_path)))
+    with torch.random.fork_rng(devices=[]):
+        rec = evaluate_classifier(model, test_loader, device=device)
+    model.load_timm_state_dict(trained)
+    split = cfg.data.eval_root if cfg.data.name == "folder" else cfg.data.eval_split
+    out = {
+        "split": split,
+        **rec,
+        "weights": "model_best",
+        "selected_on": state["selection"],
+        "selected": {k: best.get(k) for k in ("step", "epoch", "top1", "which")},
+    }
+    if state["selection"] == "eval":
+        out["note"] = (
+            "val_fraction=0: model_best was chosen on this same split (optimistic); "
+            "set val_fraction > 0 for a held-out choice"
+        )
+    test_path.write_text(json.dumps(out, indent=2) + "\n")
+    print(
+        f"test ({split}, scored once with model_best from step {best.get('step')}, chosen on "
+        f"{state['selection']}): top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%",
+        flush=True,
+    )
+    return out
+
+
+def _curves(run_dir: Path, selection: str = "eval") -> None:
+    """figures/finetune_curves.png: training loss and validation (or evaluation) top-1 against
+    the optimizer step."""
     from mimkit.viz import save_curves
 
     train, evals = [], []
@@ -327,5 +390,6 @@ def _curves(run_dir: Path) -> None:
             evals.append((rec["step"], rec["top1"]))
     if not evals:
         return
-    panels = {"training loss": {"train": train}, "evaluation top-1 (%)": {"eval": evals}}
+    name = "validation" if selection == "val" else "evaluation"
+    panels = {"training loss": {"train": train}, f"{name} top-1 (%)": {selection: evals}}
     save_curves(panels, run_dir / "figures" / "finetune_curves.png", xlabel="optimizer step")
