@@ -149,7 +149,8 @@ def _schema(command: str) -> type:
     from mimkit.config import PretrainConfig, TokenizerConfig
     from mimkit.config.downstream import FinetuneConfig, KnnCommandConfig, LinprobeConfig
 
-    return {"pretrain": PretrainConfig, "tokenizer": TokenizerConfig, "finetune": FinetuneConfig,
+    return {"pretrain": PretrainConfig, "tokenizer": TokenizerConfig,
+            "tokenizer train": TokenizerConfig, "finetune": FinetuneConfig,
             "linprobe": LinprobeConfig, "knn": KnnCommandConfig}[command]  # fmt: skip
 
 
@@ -169,7 +170,7 @@ def _command(cfg: StudyConfig, cell: Cell, results: dict[str, dict]) -> tuple[st
     sc = cfg.scratch
     if cell.kind == "tokenizer":
         r = cfg.tokenizer.config
-        return "tokenizer", r, [*_common(cfg, "tokenizer"), *cfg.tokenizer.overrides, *run]
+        return "tokenizer train", r, [*_common(cfg, "tokenizer"), *cfg.tokenizer.overrides, *run]
     if cell.kind == "pretrain":
         v = _variant(cfg, cell.row)
         r = v.config or cfg.pretrain.config
@@ -310,7 +311,6 @@ def _run_cell(cfg: StudyConfig, cell: Cell, results: dict[str, dict], *, threads
         rec = {**src, "cell": cell.id, "kind": "finetune", "from_search": src["cell"]}
     else:
         command, recipe, overrides = _command(cfg, cell, results)
-        command = "tokenizer train" if command == "tokenizer" else command
         log = str(out / "logs" / (cell.id.replace("/", "__") + ".log"))
         seconds = submit(command, recipe, overrides, str(run), log, threads)
         rec = {
@@ -383,9 +383,10 @@ def _validate_cells(cfg: StudyConfig, cells: list[Cell]) -> None:
             loaded = load_config(recipe, overrides, schema=schema)
         except ConfigError as err:
             msg = str(err)
-            if cell.kind == "pretrain" and msg.startswith("tokenizer.checkpoint="):
-                continue  # the study's tokenizer cell writes it
-            raise ConfigError(f"study cell {cell.id}: {msg}") from None
+            if not (cell.kind == "pretrain" and msg.startswith("tokenizer.checkpoint=")):
+                raise ConfigError(f"study cell {cell.id}: {msg}") from None
+            # the study's tokenizer cell writes it: the rest checked with pixel targets
+            loaded = load_config(recipe, [*overrides, "target.kind=pixels"], schema=schema)
         if cell.kind == "pretrain":
             m = loaded.model
             arch[cell.row] = [f"model.{k}={getattr(m, k)}" for k in _ARCH]
@@ -443,6 +444,10 @@ def run_study(
                 failed[c.id] = "skipped: a cell it needs failed"
                 pending.remove(c)
             ready = [c for c in pending if all(d in results for d in c.deps)]
+            # what others wait on first, then the cheap cells (small label fractions): complete
+            # columns of the table arrive early in a study that takes days
+            ready.sort(key=lambda c: (c.kind not in ("tokenizer", "pretrain", "lr_search"),
+                                      c.fraction or 0.0, cells.index(c)))  # fmt: skip
             for c in ready[: jobs - len(running)]:
                 pending.remove(c)
                 print(f"  start  {c.id}", flush=True)

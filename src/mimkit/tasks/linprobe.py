@@ -31,7 +31,6 @@ from mimkit.tasks.downstream import classify_data, downstream_provenance, load_e
 __all__ = ["LinearProbes", "LinprobeResult", "block_features", "run_linprobe", "train_probes"]
 
 
-@torch.no_grad()
 def block_features(
     encoder: nn.Module,
     dataset: Dataset,
@@ -52,15 +51,18 @@ def block_features(
     encoder.eval()
     feats: list[list[torch.Tensor]] = [[] for _ in layers]
     labels = []
-    for imgs, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        outs = encoder.forward_intermediates(imgs.to(device), layers, norm=True)  # L x (B, T, D)
-        for i, tokens in enumerate(outs):
-            if pool == "cls_avg":
-                pooled = torch.cat([encoder.pool(tokens, "cls"), encoder.pool(tokens, "avg")], -1)
-            else:
-                pooled = encoder.pool(tokens, pool)
-            feats[i].append(pooled.float().cpu())
-        labels.append(torch.as_tensor(y))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    with torch.inference_mode():  # as extract_features: cat outside makes ordinary tensors
+        for imgs, y in loader:
+            outs = encoder.forward_intermediates(imgs.to(device), layers, norm=True)  # L x (B,T,D)
+            for i, tokens in enumerate(outs):
+                if pool == "cls_avg":
+                    cls, avg = encoder.pool(tokens, "cls"), encoder.pool(tokens, "avg")
+                    pooled = torch.cat([cls, avg], -1)
+                else:
+                    pooled = encoder.pool(tokens, pool)
+                feats[i].append(pooled.float().cpu())
+            labels.append(torch.as_tensor(y))
     encoder.train(was)
     return torch.stack([torch.cat(f) for f in feats]), torch.cat(labels)
 
