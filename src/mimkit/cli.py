@@ -94,14 +94,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     r = run_finetune(cfg, resume=_resume(args, cfg))
     print(f"\nrun directory: {r.run_dir}")
     print(f"  steps {r.train.step}, epochs {r.train.epoch}, last loss {r.train.loss:.4f}")
+    split = "validation" if cfg.val_fraction > 0 else "evaluation"
     if r.best:
         print(
-            f"  best top-1 {r.best['top1']:.2f}% / top-5 {r.best['top5']:.2f}% at epoch "
+            f"  best {split} top-1 {r.best['top1']:.2f}% / top-5 {r.best['top5']:.2f}% at epoch "
             f"{r.best['epoch']} ({r.best['which']} weights): {r.best_path}"
         )
     if r.last:
-        print(f"  last top-1 {r.last['top1']:.2f}% / top-5 {r.last['top5']:.2f}%: {r.last_path}")
-    print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}")
+        print(
+            f"  last {split} top-1 {r.last['top1']:.2f}% / top-5 {r.last['top5']:.2f}%: "
+            f"{r.last_path}"
+        )
+    if r.test:
+        print(
+            f"  test top-1 {r.test['top1']:.2f}% / top-5 {r.test['top5']:.2f}% "
+            f"({r.test['num_images']} images, scored once with model_best"
+            + (", chosen on this same split: optimistic)" if r.test.get("note") else ")")
+        )
+    print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}, test.json")
     print(f"  figure:  {r.run_dir / 'figures' / 'finetune_curves.png'}")
     if r.train.stopped_early:
         print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")

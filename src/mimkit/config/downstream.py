@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import ConfigError, fail, positive, world_size
+from mimkit.config.core import ConfigError, fail, native_bf16, positive, world_size
 from mimkit.config.pretrain import (
     VIT_PRESETS,
     DataConfig,
@@ -133,6 +133,18 @@ def resolve_encoder(e: EncoderConfig) -> None:
         e.abs_pos_emb = bool(e.abs_pos_emb)
     else:
         e.layer_scale, e.rel_pos_bias, e.abs_pos_emb = None, "none", False
+
+
+def feature_precision(value: str, device: str) -> str:
+    """``auto`` -> bf16 where ``device`` computes bf16 natively, else fp32 (frozen features)."""
+    import os
+
+    if value != "auto":
+        return value
+    forced = os.environ.get("MIMKIT_PRECISION_AUTO")
+    if forced in ("bf16", "fp32"):
+        return forced
+    return "bf16" if native_bf16(device)[0] else "fp32"
 
 
 def validate_encoder(e: EncoderConfig) -> None:
@@ -289,6 +301,9 @@ class ProbeConfig:
     val_fraction: float = 0.1  # held out of the training split to choose the layer (layers=all)
     raw_pixels: bool = True  # also probe raw pixels with the same protocol (the baseline)
     feature_batch_size: int = 256
+    # the frozen encoder's forward: auto (bf16 autocast where the device computes bf16
+    # natively, as train.precision=auto) | fp32 | bf16; the probe itself trains in fp32
+    precision: str = "auto"
 
 
 @dataclass
@@ -303,6 +318,7 @@ class LinprobeConfig:
         p = self.probe
         if p.lr is None and p.base_lr > 0 and p.batch_size > 0:
             p.lr = p.base_lr * p.batch_size / 256
+        p.precision = feature_precision(p.precision, self.run.device)
 
     def validate(self) -> None:
         validate_encoder(self.model)
@@ -313,6 +329,7 @@ class LinprobeConfig:
             "pool": ["avg", "cls", "cls_avg"],
             "layers": ["last", "all"],
             "optimizer": ["lars", "sgd"],
+            "precision": ["auto", "fp32", "bf16"],
         }
         for key, allowed in choices.items():
             if getattr(p, key) not in allowed:
@@ -342,6 +359,7 @@ class KnnEvalConfig:
     layer: int = -1  # which block's output (0-based; -1 the last, with the final norm)
     batch_size: int = 256
     raw_pixels: bool = True  # also report k-NN on raw pixels
+    precision: str = "auto"  # the encoder's forward: auto (bf16 where native) | fp32 | bf16
 
 
 @dataclass
@@ -353,12 +371,15 @@ class KnnCommandConfig:
 
     def resolve(self) -> None:
         resolve_encoder(self.model)
+        self.knn.precision = feature_precision(self.knn.precision, self.run.device)
 
     def validate(self) -> None:
         validate_encoder(self.model)
         validate_classify_data(self.data, in_chans=self.model.in_chans)
         validate_run(self.run)
         k = self.knn
+        if k.precision not in ("auto", "fp32", "bf16"):
+            fail("knn.precision", k.precision, "one of ['auto', 'fp32', 'bf16']")
         for key in ("k", "temperature", "batch_size"):
             positive(f"knn.{key}", getattr(k, key))
         if k.pool not in ("avg", "cls"):

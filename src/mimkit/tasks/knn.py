@@ -6,6 +6,8 @@ whose votes are weighted by exp(similarity / temperature).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from mimkit.models.vit import VisionTransformer
 __all__ = [
     "KnnResult",
     "extract_features",
+    "feature_autocast",
     "knn_evaluate",
     "knn_evaluate_pixels",
     "knn_predict",
@@ -33,11 +36,12 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (M, D) float32 on CPU, labels (M,)) of a dataset yielding (image, label).
 
     ``layer``: the block whose output is pooled (-1, the last: ``forward_features``); an earlier
-    block's tokens go through the final norm too.
+    block's tokens go through the final norm too. ``precision``: fp32, or bf16 autocast.
     """
     last = layer in (-1, encoder.depth - 1)
     was_training = encoder.training
@@ -46,7 +50,7 @@ def extract_features(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     # inference mode, not no_grad: no autograd bookkeeping at all (~10% faster on CPU); the
     # concatenation outside it makes ordinary tensors that a probe can train on
-    with torch.inference_mode():
+    with torch.inference_mode(), feature_autocast(encoder, device, precision):
         for imgs, y in loader:
             x = imgs.to(device)
             if last:
@@ -57,6 +61,27 @@ def extract_features(
             labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+@contextlib.contextmanager
+def feature_autocast(
+    encoder: torch.nn.Module, device: torch.device | str, precision: str
+) -> Iterator[None]:
+    """The context of a frozen encoder's forward at ``precision``: bf16 autocast (with the
+    attention path ``train.attention=auto`` picks for it), or fp32. The encoder's attention
+    flags are restored on exit."""
+    from mimkit.models.attention import set_attention
+
+    device_type = torch.device(device).type
+    layers = [m for m in encoder.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in layers]
+    set_attention(encoder, "auto", device_type=device_type, precision=precision)
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        for m, flag in zip(layers, saved, strict=True):
+            m.fused_attn = flag
 
 
 @torch.no_grad()
@@ -107,9 +132,10 @@ def knn_evaluate(
     layer: int = -1,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> KnnResult:
     """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features (block ``layer``)."""
-    opts = dict(pool=pool, layer=layer, batch_size=batch_size, device=device)
+    opts = dict(pool=pool, layer=layer, batch_size=batch_size, device=device, precision=precision)
     tr_f, tr_y = extract_features(encoder, train_set, **opts)
     te_f, te_y = extract_features(encoder, test_set, **opts)
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
@@ -168,6 +194,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
             layer=k.layer,
             batch_size=k.batch_size,
             device=device,
+            precision=k.precision,
         )
     }
     if k.raw_pixels:

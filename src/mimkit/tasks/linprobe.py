@@ -27,6 +27,7 @@ from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
 from mimkit.engine.rundir import prepare_run
 from mimkit.tasks.downstream import classify_data, downstream_provenance, load_encoder
+from mimkit.tasks.knn import feature_autocast
 
 __all__ = ["LinearProbes", "LinprobeResult", "block_features", "run_linprobe", "train_probes"]
 
@@ -40,6 +41,7 @@ def block_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (L, M, D) float32 on CPU, labels (M,)): pooled outputs of blocks ``layers``.
 
@@ -52,7 +54,8 @@ def block_features(
     feats: list[list[torch.Tensor]] = [[] for _ in layers]
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    with torch.inference_mode():  # as extract_features: cat outside makes ordinary tensors
+    # as extract_features: the concatenation outside inference mode makes ordinary tensors
+    with torch.inference_mode(), feature_autocast(encoder, device, precision):
         for imgs, y in loader:
             outs = encoder.forward_intermediates(imgs.to(device), layers, norm=True)  # L x (B,T,D)
             for i, tokens in enumerate(outs):
@@ -206,9 +209,10 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         batch_size=p.feature_batch_size,
         device=device,
         num_workers=cfg.data.num_workers,
+        precision=p.precision,
     )
     print(
-        f"linprobe: features of {len(views[0])} + {len(views[1])} images, blocks "
+        f"linprobe: features ({p.precision}) of {len(views[0])} + {len(views[1])} images, blocks "
         f"{[i + 1 for i in layers]}",
         flush=True,
     )
