@@ -586,3 +586,48 @@ def test_bad_val_fraction_is_named(value):
     with pytest.raises(ConfigError, match="val_fraction"):
         load_config(FT, _ft_args("unused", "null", val_fraction=value, **SCRATCH),
                     schema=FinetuneConfig)  # fmt: skip
+
+
+def test_a_finetune_saved_before_val_fraction_resumes_as_it_was(tmp_path, monkeypatch):
+    """A run saved before ``val_fraction`` existed chose model_best on the evaluation split:
+    resuming it with today's default (a held-out split) would change its data mid-run."""
+    import dataclasses
+
+    import yaml
+
+    from mimkit.engine.rundir import prepare_run
+
+    run = tmp_path / "old"
+    cfg = load_config(FT, _ft_args(run, "null", **SCRATCH), schema=FinetuneConfig)
+    saved = dataclasses.asdict(cfg)
+    del saved["val_fraction"]  # the saved config of an old run
+    (run / "checkpoints" / "ckpt-00000001").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setattr(ckpt, "latest_checkpoint", lambda root: root / "ckpt-00000001")
+    new = load_config(FT, _ft_args(run, "null", val_fraction=0.1, **SCRATCH), schema=FinetuneConfig)
+    with pytest.raises(ConfigError, match=r"val_fraction=0\.1 differs .* saved value 0\.0"):
+        prepare_run(new, resume=True)
+    prepare_run(cfg, resume=True)  # val_fraction=0: as it was
+
+
+def test_resume_keeps_the_saved_precision_when_auto_would_change_it(tmp_path, monkeypatch):
+    import yaml
+
+    from mimkit.engine.rundir import prepare_run
+
+    run = tmp_path / "r"
+    monkeypatch.setenv("MIMKIT_PRECISION_AUTO", "fp32")
+    cfg = load_config(FT, _ft_args(run, "null", **SCRATCH), schema=FinetuneConfig)
+    prepare_run(cfg, resume=False)
+    (run / "checkpoints" / "ckpt-00000001").mkdir(parents=True)
+    monkeypatch.setattr(ckpt, "latest_checkpoint", lambda root: root / "ckpt-00000001")
+    monkeypatch.setenv("MIMKIT_PRECISION_AUTO", "bf16")  # other hardware, or a newer mimkit
+    again = load_config(FT, _ft_args(run, "null", **SCRATCH), schema=FinetuneConfig)
+    assert again.train.precision == "bf16"
+    prepare_run(again, resume=True)
+    assert again.train.precision == "fp32"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "fp32"
+    explicit = load_config(FT, _ft_args(run, "null", **SCRATCH, **{"train.precision": "bf16"}),
+                           schema=FinetuneConfig)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        prepare_run(explicit, resume=True)  # asked for explicitly: refused, as any change

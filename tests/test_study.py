@@ -201,3 +201,52 @@ def test_debug_executor_goes_through_submitit(tmp_path):
     assert list(res.results) == ["pretrain/v_s0"]
     assert (tmp_path / "runs" / "submitit").is_dir()
     assert not res.failed and "finetune/v_f1_s0" not in res.results  # left out by --only
+
+
+def test_a_failed_cell_skips_everything_that_needs_it(tmp_path, monkeypatch):
+    import mimkit.study as study
+
+    def fake(command, recipe, overrides, run_dir, log, threads):
+        if command == "pretrain" and "mask.ratio=0.5" in overrides:
+            raise RuntimeError("exit status 1: boom")
+        return study_run(command, recipe, overrides, run_dir, log, threads)
+
+    study_run = study.execute_cell
+    monkeypatch.setattr(study, "execute_cell", fake)
+    path = _study(tmp_path, seeds=[0], scratch={"enabled": False})
+    res = run_study(load_study(path), jobs=2, threads=1, only=["pretrain/"])
+    assert res.failed == {"pretrain/r50_s0": "exit status 1: boom"}
+    assert "pretrain/r75_s0" in res.results
+    res = run_study(load_study(path), jobs=1, threads=1, only=["pretrain/r50"])
+    assert set(res.failed) == {"pretrain/r50_s0"}  # finetune/r50 waits, outside --only
+    assert main(["study", "-c", str(path), "--report"]) == 0
+    monkeypatch.setattr(study, "execute_cell", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+    res = run_study(load_study(path), jobs=1)
+    assert res.failed["finetune/r50_f1_s0"] == "skipped: a cell it needs failed"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"common": ["data.nme=x"]}, "common: 'data.nme' is a key of no command"),
+        ({"finetune": {"enabled": True, "config": str(FT), "label_fractions": [1.0],
+                       "overrides": ["val_fraction=0"]}}, "needs a validation split"),
+        ({"variants": [{"name": "scratch"}], "scratch": {"enabled": False}}, "scratch.name"),
+    ],
+)  # fmt: skip
+def test_study_refuses_what_would_mislead(tmp_path, patch, message):
+    doc = yaml.safe_load(_study(tmp_path).read_text()) | patch
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=message):
+        run_study(load_study(path), dry_run=True)
+
+
+def test_variants_with_the_same_command_validate(tmp_path, capsys):
+    same = [
+        {"name": "a", "overrides": ["mask.ratio=0.5"]},
+        {"name": "b", "overrides": ["mask.ratio=0.5"]},
+    ]
+    path = _study(tmp_path, variants=same)
+    assert main(["study", "-c", str(path), "--dry-run"]) == 0
+    assert "finetune/b_f1_s1" in capsys.readouterr().out

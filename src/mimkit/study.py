@@ -139,6 +139,15 @@ def _per_fraction(cfg: StudyConfig, fraction: float) -> list[str]:
     return []
 
 
+def _check_common(cfg: StudyConfig) -> None:
+    commands = ("pretrain", "tokenizer", "finetune", "linprobe", "knn")
+    for item in cfg.common:
+        key = item.split("=", 1)[0]
+        if not any(_has_key(c, key) for c in commands):
+            raise ConfigError(f"common: {key!r} is a key of no command (pretrain, tokenizer "
+                              "train, finetune, linprobe, knn)")  # fmt: skip
+
+
 def _common(cfg: StudyConfig, command: str) -> list[str]:
     """The study's ``common`` overrides whose key the command's schema has (``common`` serves
     every command: a key one of them lacks is left out of that one)."""
@@ -308,7 +317,8 @@ def _run_cell(cfg: StudyConfig, cell: Cell, results: dict[str, dict], *, threads
         # the search already ran this seed with the chosen lr: its result is this cell's
         lr = _chosen_lr(cfg, cell, results)
         src = next(results[d] for d in cell.deps if results[d]["lr"] == lr)
-        rec = {**src, "cell": cell.id, "kind": "finetune", "from_search": src["cell"]}
+        rec = {**src, "cell": cell.id, "kind": "finetune", "from_search": src["cell"],
+               "seconds": 0.0}  # fmt: skip  # its compute is counted once, in the search cell
     else:
         command, recipe, overrides = _command(cfg, cell, results)
         log = str(out / "logs" / (cell.id.replace("/", "__") + ".log"))
@@ -359,7 +369,7 @@ def read_results(cfg: StudyConfig, cells: list[Cell]) -> dict[str, dict]:
 def _validate_cells(cfg: StudyConfig, cells: list[Cell]) -> None:
     """Load every distinct recipe + overrides before any work starts: a bad override stops the
     study with the cell named. Paths that earlier cells will write are stood in for."""
-    seen: set[tuple] = set()
+    seen: dict[tuple, str] = {}  # a command checked already -> the row it was checked for
     arch: dict[str, list[str]] = {}
     fake = {c.deps[0]: 0.1 for c in cells if c.deps}  # the lr search's result is not known
     results = {d: {"metrics": {"val_top1": 0.0}, "lr": lr} for d, lr in fake.items()}
@@ -377,8 +387,10 @@ def _validate_cells(cfg: StudyConfig, cells: list[Cell]) -> None:
             overrides = ["model.init=null", *arch[cell.row], *overrides]
         key = (command, recipe, tuple(o for o in overrides if not o.startswith("run.")))
         if key in seen:
+            if cell.kind == "pretrain":
+                arch[cell.row] = arch[seen[key]]
             continue
-        seen.add(key)
+        seen[key] = cell.row
         try:
             loaded = load_config(recipe, overrides, schema=schema)
         except ConfigError as err:
@@ -390,6 +402,12 @@ def _validate_cells(cfg: StudyConfig, cells: list[Cell]) -> None:
         if cell.kind == "pretrain":
             m = loaded.model
             arch[cell.row] = [f"model.{k}={getattr(m, k)}" for k in _ARCH]
+        if cell.kind == "lr_search" and loaded.val_fraction <= 0:
+            raise ConfigError(
+                f"study cell {cell.id}: scratch.lr_grid needs a validation split to choose on "
+                "(the fine-tuning recipe has val_fraction=0): the lr would be chosen on the test "
+                "split"
+            )
 
 
 def run_study(
@@ -412,8 +430,10 @@ def run_study(
     if jobs < 1:
         raise ConfigError(f"--jobs={jobs} is not allowed: must be >= 1")
     cells = plan(cfg)
+    _check_common(cfg)
     _validate_cells(cfg, cells)
     results = read_results(cfg, cells)
+    _warn_changed(cfg, cells, results)
     failed: dict[str, str] = {}
     if dry_run:
         _print_plan(cfg, cells, results)
@@ -439,10 +459,10 @@ def run_study(
         running: dict[Future, Cell] = {}
         pending = list(todo)
         while pending or running:
-            blocked = {c.id for c in pending if any(d in failed for d in c.deps)}
-            for c in [c for c in pending if c.id in blocked]:
-                failed[c.id] = "skipped: a cell it needs failed"
-                pending.remove(c)
+            while blocked := [c for c in pending if any(d in failed for d in c.deps)]:
+                for c in blocked:  # and, on the next pass, the cells that need those
+                    failed[c.id] = "skipped: a cell it needs failed"
+                    pending.remove(c)
             ready = [c for c in pending if all(d in results for d in c.deps)]
             # what others wait on first, then the cheap cells (small label fractions): complete
             # columns of the table arrive early in a study that takes days
@@ -456,7 +476,10 @@ def run_study(
                 running[pool.submit(_run_cell, cfg, c, snapshot, threads=threads,
                                     submit=submit)] = c  # fmt: skip
             if not running:
-                break  # the rest waits on cells left out by ``only``
+                print(f"  {len(pending)} cells wait on cells left out by --only: "
+                      + ", ".join(c.id for c in pending[:6])
+                      + (" ..." if len(pending) > 6 else ""), flush=True)  # fmt: skip
+                break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 c = running.pop(fut)
@@ -473,6 +496,23 @@ def run_study(
     res = StudyResult(cfg, cells, results, failed)
     write_report(res, wall_seconds=wall)
     return res
+
+
+def _warn_changed(cfg: StudyConfig, cells: list[Cell], results: dict[str, dict]) -> None:
+    """A finished cell whose command the study file would now write differently is still read
+    back (results are never recomputed): say so, so that an edited study is not mistaken."""
+    changed = []
+    for c in cells:
+        rec = results.get(c.id)
+        if not rec or "command" not in rec or not all(d in results for d in c.deps):
+            continue
+        command, recipe, overrides = _command(cfg, c, results)
+        if rec["command"] != " ".join(["mimkit", command, "-c", recipe, *overrides]):
+            changed.append(c.id)
+    if changed:
+        print(f"study {cfg.name}: warning: {len(changed)} finished cells were run with a command "
+              f"the study file no longer gives (e.g. {changed[0]}); their results are kept: "
+              "delete their JSON under results/cells/ to run them again", flush=True)  # fmt: skip
 
 
 _ARTIFACT = {"pretrain": "encoder.safetensors", "tokenizer": "tokenizer.safetensors"}
@@ -555,16 +595,20 @@ def _print_plan(cfg: StudyConfig, cells: list[Cell], results: dict[str, dict]) -
 def _stats(values: list[float]) -> dict[str, Any]:
     return {
         "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else None,  # n = 1: no spread known
         "n": len(values),
         "values": values,
     }
 
 
+def _pm(s: dict) -> str:
+    return "" if s["std"] is None else f" ± {s['std']:.2f}"
+
+
 def _fmt(s: dict | None) -> str:
     if not s:
         return "–"
-    return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['n']})"
+    return f"{s['mean']:.2f}{_pm(s)} ({s['n']})"
 
 
 def _columns(cfg: StudyConfig) -> list[tuple[str, str, float | None]]:
@@ -699,7 +743,7 @@ def _markdown(cfg, table, cols, rows) -> str:
                   "|---|" + "---|" * len(cols)]  # fmt: skip
         for name, label, _ in rows[:-1]:
             d = table["minus_scratch"].get(name, {})
-            vals = [f"{d[k]['mean']:+.2f} ± {d[k]['std']:.2f} ({d[k]['wins']}/{d[k]['n']})"
+            vals = [f"{d[k]['mean']:+.2f}{_pm(d[k])} ({d[k]['wins']}/{d[k]['n']})"
                     if k in d else "–" for k, _, _ in cols]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     if table["scratch_lr_search"]:
@@ -731,8 +775,9 @@ def _plots(cfg, table, cols, rows, results, out: Path) -> list[Path]:
                 pts = [(x, table["rows"][n][key]) for n, _, x in numeric if key in table["rows"][n]]
                 pts.sort(key=lambda p: p[0])
                 if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
-                                yerr=[p[1]["std"] for p in pts], marker="o", capsize=3)  # fmt: skip
+                    err = [p[1]["std"] or 0 for p in pts]
+                    ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=err,
+                                marker="o", capsize=3)  # fmt: skip
                 ax.set_xlabel(cfg.x_label or "x")
                 for n, label, x in rows:
                     s = table["rows"][n].get(key)
@@ -743,11 +788,12 @@ def _plots(cfg, table, cols, rows, results, out: Path) -> list[Path]:
             else:
                 names = [(label, table["rows"][n].get(key)) for n, label, _ in rows]
                 names = [(lab, s) for lab, s in names if s]
-                ax.bar(range(len(names)), [s["mean"] for _, s in names],
-                       yerr=[s["std"] for _, s in names], capsize=3, color="#4a6fa5")  # fmt: skip
+                err = [s["std"] or 0 for _, s in names]
+                ax.bar(range(len(names)), [s["mean"] for _, s in names], yerr=err, capsize=3,
+                       color="#4a6fa5")  # fmt: skip
                 ax.set_xticks(range(len(names)), [lab for lab, _ in names], rotation=30,
                               ha="right", fontsize=8)  # fmt: skip
-                lo = min((s["mean"] - s["std"] for _, s in names), default=0)
+                lo = min((s["mean"] - (s["std"] or 0) for _, s in names), default=0)
                 ax.set_ylim(max(0, lo - 5), None)
             ax.set_title(header, fontsize=9)
             ax.set_ylabel("test top-1 (%)")

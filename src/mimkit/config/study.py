@@ -128,7 +128,7 @@ class StudyConfig:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             fail("variants", dup, "distinct variant names")
-        if self.scratch.enabled and self.scratch.name in names:
+        if self.scratch.name in names:  # its cells would be the baseline's
             fail("scratch.name", self.scratch.name, "a name no variant has")
         if not _NAME.match(self.scratch.name):
             fail("scratch.name", self.scratch.name, "a name of letters, digits and _.+-")

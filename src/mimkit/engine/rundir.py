@@ -18,6 +18,9 @@ __all__ = ["RESUMABLE_CHANGES", "prepare_run", "restarted_with_checkpoint"]
 # keys that may differ when a run is resumed (how long to go on, what to evaluate after,
 # and whether the model is compiled: the same maths and weights)
 RESUMABLE_CHANGES = ("train.max_steps", "eval.", "train.compile")
+# keys added after runs were saved whose *behaviour* before they existed differs from their
+# default now: a saved config without the key resumes with this value, not the default
+LEGACY_VALUES = {"val_fraction": 0.0}  # fine-tuning chose model_best on the evaluation split
 
 
 def restarted_with_checkpoint(cfg: Any) -> bool:
@@ -56,6 +59,7 @@ def prepare_run(
     if resume:
         if ckpt.latest_checkpoint(ckpt_root) is None:
             raise ConfigError(f"--resume: no complete checkpoint in {ckpt_root}")
+        _keep_saved_precision(cfg, run_dir)
         _check_resume_config(cfg, run_dir)
     elif ckpt_root.exists() and any(not p.name.startswith(".") for p in ckpt_root.iterdir()):
         raise ConfigError(
@@ -77,13 +81,27 @@ def prepare_run(
     return run_dir, device
 
 
+def _keep_saved_precision(cfg: Any, run_dir: Path) -> None:
+    """A resumed run keeps the precision it was saved with when ``train.precision=auto`` chose
+    another here (a run from before ``auto``, or a job requeued on other hardware)."""
+    train = getattr(cfg, "train", None)
+    saved_path = run_dir / "config.yaml"
+    if train is None or not hasattr(train, "_precision_why") or not saved_path.is_file():
+        return
+    saved = (yaml.safe_load(saved_path.read_text()).get("train") or {}).get("precision")
+    if saved and saved != train.precision:
+        train._precision_why = f"auto would pick {train.precision}; the resumed run's own"
+        train.precision = saved
+
+
 def _check_resume_config(cfg: Any, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return
     saved, now = _flatten(yaml.safe_load(saved_path.read_text())), _flatten(to_dict(cfg))
     # a key added to mimkit after the run was saved: the run had its default
-    saved = _flatten(to_dict(type(cfg)())) | saved
+    defaults = _flatten(to_dict(type(cfg)()))
+    saved = defaults | {k: v for k, v in LEGACY_VALUES.items() if k in defaults} | saved
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RESUMABLE_CHANGES):
             continue

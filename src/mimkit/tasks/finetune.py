@@ -248,6 +248,9 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         )
 
     eval_path = run_dir / "eval.json"
+    if not resume:  # a fresh run in a directory without checkpoints: no earlier run's scores
+        for name in ("eval.json", "test.json"):
+            (run_dir / name).unlink(missing_ok=True)
     state = {"history": [], "best": None, "selection": selection}
     if resume and eval_path.is_file():
         saved = json.loads(eval_path.read_text())
