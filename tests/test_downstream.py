@@ -459,7 +459,12 @@ def test_every_downstream_command_on_an_image_folder(tmp_path, capsys):
     assert main(["knn", "-c", str(KNN), f"run.dir={tmp_path / 'knn'}", *folder,
                  "knn.k=3"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "best top-1" in out and "linear probe top-1" in out and "k-NN top-1 (encoder)" in out
+    assert (
+        "best validation top-1" in out
+        and "test top-1" in out
+        and "linear probe top-1" in out
+        and "k-NN top-1 (encoder)" in out
+    )
     meta = ckpt.read_metadata(tmp_path / "ft" / "model_best.safetensors")
     assert meta["classes"] == ["cat", "dog", "fox"] and meta["num_classes"] == 3
     png = tmp_path / "train" / "dog" / "0.png"

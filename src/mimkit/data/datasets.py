@@ -294,6 +294,9 @@ class SyntheticImages(Dataset):
         return self.size
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not -self.size <= i < self.size:  # iteration (``for x in ds``) stops here
+            raise IndexError(f"SyntheticImages index {i} out of range for size {self.size}")
+        i %= self.size
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         label = i % self.num_classes
         s = self.img_size
