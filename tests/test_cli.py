@@ -64,3 +64,84 @@ def test_demo_script_explains_missing_data(tmp_path):
     )
     assert proc.returncode == 1
     assert "Fashion-MNIST not found" in proc.stderr and "dataset-fashion-mnist" in proc.stderr
+
+
+# ---- papercuts: flags and overrides in any order; one-line errors, never a traceback ----
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_flags_and_overrides_mix_in_any_order(tmp_path, capsys):
+    from mimkit.cli import main
+    from tests.conftest import DEMO, tiny_overrides
+
+    args = ["pretrain", "-c", str(DEMO), *tiny_overrides(tmp_path / "r")]
+    assert main([*args, "train.max_steps=3"]) == 0
+    # the README's order: the flag, then an override
+    assert main([*args, "--resume", "train.max_steps=5"]) == 0
+    assert "steps 5," in capsys.readouterr().out
+
+
+def _images(folder, n_per_class=2):
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / c / f"{i}.png")
+
+
+def test_an_empty_image_folder_is_named_before_anything_else(tmp_path, capsys):
+    from mimkit.cli import main
+    from tests.conftest import DEMO
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    args = ["pretrain", "-c", str(DEMO), f"run.dir={tmp_path / 'r'}", "data.name=folder",
+            f"data.root={tmp_path / 'empty'}"]  # fmt: skip
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert line.startswith("mimkit: error: data.root=") and "no images" in line
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_data_set_too_small_for_one_step_is_one_line(tmp_path, capsys, command):
+    from mimkit.cli import main
+    from tests.conftest import DEMO
+
+    _images(tmp_path / "imgs")
+    if command == "pretrain":
+        args = ["pretrain", "-c", str(DEMO), "eval.knn.enabled=false"]
+    else:
+        args = ["finetune", "-c", str(ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"),
+                "model.init=null", "model.method=mae", "model.arch=vit_tiny", "model.depth=1",
+                "model.img_size=28", "model.patch_size=4", "model.in_chans=1",
+                f"data.eval_root={tmp_path / 'imgs'}", "val_fraction=0"]  # fmt: skip
+    args += [f"run.dir={tmp_path / 'r'}", "data.name=folder", f"data.root={tmp_path / 'imgs'}",
+             "data.num_workers=0"]  # fmt: skip
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert "too small" in line and "train.batch_size=" in line
+
+
+def test_weights_that_are_not_safetensors_are_one_line(tmp_path, capsys):
+    import pickle
+
+    from mimkit.cli import main
+    from tests.conftest import ROOT
+
+    fake = tmp_path / "tok.safetensors"
+    fake.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    beit = ROOT / "configs" / "pretrain" / "beit_vit_tiny_fmnist.yaml"
+    args = ["pretrain", "-c", str(beit), f"run.dir={tmp_path / 'r'}",
+            f"tokenizer.checkpoint={fake}", "data.name=synthetic", "model.in_chans=1"]  # fmt: skip
+    assert main(args) == 2
+    assert "not a readable safetensors file" in _error_line(capsys)
+    pt = tmp_path / "model.pth"
+    pt.write_bytes(pickle.dumps({"model": {}}))
+    assert main(["visualize", "reconstruction", str(pt)]) == 2
+    assert "is not a .safetensors file" in _error_line(capsys)

@@ -280,6 +280,13 @@ def test_finetune_resume_is_exact(tmp_path, pretrained):
     b, _ = ckpt.load_weights(split / "model_last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    def rows(run):  # metrics.jsonl without wall-clock fields: one row per step and kind
+        out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"]) for r in out]
+
+    # no row repeated by the resume; the stop at max_steps logged its own step-5 rows
+    assert len(set(rows(split))) == len(rows(split)) and set(rows(straight)) <= set(rows(split))
+
 
 def test_ema_weights_are_tracked_and_evaluated(tmp_path, pretrained):
     cfg = load_config(

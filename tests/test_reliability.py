@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,23 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, kind, npr
     assert ckpt.latest_checkpoint(killed / "checkpoints").name == (
         ckpt.latest_checkpoint(straight / "checkpoints").name
     )
+    assert _logged(killed) == _logged(straight)  # every step logged once
+
+
+def _logged(run: Path) -> list[tuple[str, int]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["step"]) for r in rows]
+
+
+def test_a_resume_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+    from mimkit.engine.logging import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (2, 4, 6):
+        log.log({"loss": 1.0}, step=step, prefix="train")
+    log.log({"top1": 50.0}, step=6, prefix="eval")
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')  # a row cut by the crash
+    log.resume_at(4)
+    log.log({"loss": 0.9}, step=6, prefix="train")
+    assert _logged(tmp_path) == [("train", 2), ("train", 4), ("train", 6)]

@@ -523,7 +523,11 @@ def _stdout_on_rank0() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "convert" and not any(x.startswith("-") for x in extra):
+    if extra and hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+        # overrides after a flag (`--resume train.max_steps=500`): argparse closed the
+        # positional list at the flag; the order of flags and overrides does not matter
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra and args.command == "convert" and not any(x.startswith("-") for x in extra):
         args.paths += extra  # IN/OUT after an option: `convert dalle --trust-pickle IN OUT`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,6 +340,17 @@ def _validate_shards(cfg: PretrainConfig) -> None:
         fail("tokenizer.cache", True, "not with data.name=shards (it needs indexable data)")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def has_images(root: str | Path) -> bool:
+    """Whether ``root`` or a folder below it holds at least one image file (stops at the first)."""
+    for _, _, files in os.walk(root, followlinks=True):
+        if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+            return True
+    return False
+
+
 def validate_data(
     d: DataConfig, *, in_chans: int, chans_key: str = "model.in_chans", streaming: bool = False
 ) -> None:
@@ -353,6 +365,15 @@ def validate_data(
             else ""
         )
         fail("data.root", d.root, f"the path does not exist{hint}")
+    if d.name == "folder":
+        if not Path(d.root).is_dir():
+            fail("data.root", d.root, "a folder of images (data.name=folder)")
+        if not has_images(d.root):
+            fail(
+                "data.root",
+                d.root,
+                f"no images in it or its subfolders (looked for {', '.join(IMAGE_SUFFIXES)})",
+            )
     if d.name == "fashion_mnist":
         if d.split not in ("train", "test"):
             fail("data.split", d.split, "one of ['train', 'test']")

@@ -21,6 +21,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from mimkit.config.core import ConfigError
+from mimkit.config.pretrain import IMAGE_SUFFIXES
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
@@ -105,7 +108,6 @@ class FashionMNIST(Dataset):
         return self.images[i], int(self.labels[i])
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # the Pillow decoders of those suffixes (camera MPO files open through JPEG)
 IMAGE_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 
@@ -200,7 +202,7 @@ class ImageFolder(Dataset):
         for label, sub in enumerate(subdirs):
             samples += [(p, label) for p in _images_in(sub, recursive=True)]
         if not samples:
-            raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise ConfigError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.samples = samples[:max_samples] if max_samples else samples
         self.channels = channels
         self.policy = policy or BadImagePolicy()

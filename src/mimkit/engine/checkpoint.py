@@ -18,11 +18,13 @@ checkpoint when the newest is corrupt or truncated (:func:`checkpoints_newest_fi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from mimkit.config.core import ConfigError
 
 __all__ = [
     "CorruptCheckpointError",
@@ -87,9 +91,24 @@ def save_weights(
     os.replace(tmp, path)
 
 
+class NotSafetensorsError(ConfigError):
+    """A weights file that is not safetensors (a pickle, a truncated download): one line."""
+
+
+@contextlib.contextmanager
+def _said_if_not_safetensors(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except SafetensorError as err:
+        raise NotSafetensorsError(
+            f"{path} is not a readable safetensors file ({err}); mimkit never unpickles weights: "
+            "convert a PyTorch checkpoint with `mimkit convert`"
+        ) from None
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Provenance metadata of a safetensors file, JSON values decoded."""
-    with safe_open(str(path), framework="pt") as f:
+    with _said_if_not_safetensors(path), safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     out: dict[str, Any] = {}
     for k, v in raw.items():
@@ -105,7 +124,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_file(str(path)), read_metadata(path)
+    with _said_if_not_safetensors(path):
+        return load_file(str(path)), read_metadata(path)
 
 
 def _fsync(path: Path) -> None:

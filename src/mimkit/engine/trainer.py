@@ -138,9 +138,12 @@ class Trainer:
         )
         self.steps_per_epoch = self.batches_per_epoch // optim.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"an epoch of {per_rank} samples gives no optimizer step with "
-                f"train.batch_size={train.batch_size} and optim.accum_steps={optim.accum_steps}"
+            raise ConfigError(
+                f"the data set is too small: an epoch of {per_rank} images"
+                + (" on each process" if world_size() > 1 else "")
+                + f" gives no optimizer step with train.batch_size={train.batch_size} and "
+                f"optim.accum_steps={optim.accum_steps} (incomplete batches are dropped): lower "
+                "train.batch_size or add images"
             )
         if train.steps:  # a budget in steps: the last epoch may end early
             self.total_steps = train.steps
@@ -284,6 +287,7 @@ class Trainer:
         rng = state["rng"]
         _set_rng_state(rng[rank()] if isinstance(rng, list) else rng)
         self._saved_step = self.step
+        self.logger.resume_at(self.step)
         return True
 
     def _in_step(self, batches: Iterable[Any]) -> Iterator[Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mimkit.engine.checkpoint import (
+    NotSafetensorsError,
     latest_checkpoint,
     load_weights,
     read_metadata,
@@ -40,8 +41,9 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise ValueError(
-                f"{p} is not a .safetensors file (mimkit reads weights as safetensors)"
+            raise NotSafetensorsError(
+                f"{p} is not a .safetensors file: mimkit reads weights only as safetensors "
+                "(never unpickles); convert an official or timm checkpoint with `mimkit convert`"
             )
         return p
     if not p.is_dir():
