@@ -14,7 +14,6 @@ from PIL import Image
 from mimkit.config import ConfigError, load_config
 from mimkit.data import BadImageError, BadImagePolicy, ImageFolder
 from mimkit.data.datasets import MAX_IMAGE_PIXELS, load_image
-from mimkit.tasks.pretrain import run_pretrain
 from tests.conftest import DEMO, tiny_overrides
 
 
@@ -123,15 +122,19 @@ def test_the_limit_and_the_strict_mode_stop_with_the_path(messy, tmp_path):
         [strict[i] for i in range(len(strict))]
 
 
-def test_pretraining_on_a_messy_folder_writes_the_skip_report(messy, tmp_path):
+def test_pretraining_on_a_messy_folder_writes_the_skip_report(messy, tmp_path, capsys):
+    from mimkit.cli import main
+
     run = tmp_path / "run"
     args = tiny_overrides(run, **{"data.name": "folder", "data.root": str(messy),
                                   "model.in_chans": 1, "train.epochs": 1,
                                   "train.batch_size": 4, "data.num_workers": 1})  # fmt: skip
-    res = run_pretrain(load_config(DEMO, args))
-    assert res.train.step == 3
+    assert main(["pretrain", "-c", str(DEMO), *args]) == 0
+    out = capsys.readouterr().out
+    assert "steps 3," in out
     rows = (run / "skipped_images.jsonl").read_text().splitlines()
     assert len(rows) == len(_bad_files())
+    assert f"skipped images: {len(_bad_files())} could not be decoded" in out  # the summary says
     with pytest.raises(ConfigError, match=r"data\.bad_images"):
         load_config(DEMO, [*args, "data.bad_images=ignore"])
     strict = tmp_path / "strict"

@@ -145,3 +145,17 @@ def test_weights_that_are_not_safetensors_are_one_line(tmp_path, capsys):
     pt.write_bytes(pickle.dumps({"model": {}}))
     assert main(["visualize", "reconstruction", str(pt)]) == 2
     assert "is not a .safetensors file" in _error_line(capsys)
+
+
+def test_config_yaml_records_the_normalization_the_run_used(tmp_path):
+    import yaml
+
+    from mimkit.cli import main
+    from tests.conftest import DEMO, tiny_overrides
+
+    args = ["pretrain", "-c", str(DEMO), *tiny_overrides(tmp_path / "r")]
+    assert main([*args, "train.max_steps=2"]) == 0
+    data = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data"]
+    assert data["mean"] == [0.5] * 3 and data["std"] == [0.25] * 3  # SyntheticImages' own
+    assert main([*args, "--resume"]) == 0  # null in the recipe still matches the recorded value
+    assert main([*args, "--resume", "data.mean=[0.4,0.4,0.4]"]) == 2  # a real change does not

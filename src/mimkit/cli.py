@@ -34,6 +34,20 @@ def _resume(args: argparse.Namespace, cfg) -> bool:
     return bool(args.resume) or restarted_with_checkpoint(cfg)
 
 
+def _print_skipped(run_dir: Path) -> None:
+    """The closing summary's line on images that could not be decoded (``data.bad_images``)."""
+    report = Path(run_dir) / "skipped_images.jsonl"
+    if not report.is_file():
+        return
+    paths = set()
+    for line in report.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            paths.add(yaml.safe_load(line)["path"])
+    if paths:
+        print(f"  skipped images: {len(paths)} could not be decoded, each replaced by the next "
+              f"(listed in {report})")  # fmt: skip
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from mimkit.tasks.pretrain import run_pretrain
 
@@ -59,6 +73,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             f"  k-NN top-1 ({name}): {r.top1:.2f}%  (k={r.k}, T={r.temperature}, {r.pool} pool, "
             f"{r.num_train} train / {r.num_test} test)"
         )
+    _print_skipped(run_dir)
     if result.train.stopped_early:
         print(f"  stopped by train.max_steps; continue with --resume (run.dir={run_dir})")
     return 0
@@ -113,6 +128,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         )
     print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}, test.json")
     print(f"  figure:  {r.run_dir / 'figures' / 'finetune_curves.png'}")
+    _print_skipped(r.run_dir)
     if r.train.stopped_early:
         print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")
     return 0
@@ -131,6 +147,7 @@ def _report_dense(r, primary: str, figure: str) -> None:
             print(f"  {which} (epoch {rec['epoch']:g}): {shown}: {path}")
     print(f"  metrics: {r.run_dir / 'metrics.jsonl'}, {r.run_dir / 'eval.json'}")
     print(f"  figures: {r.run_dir / 'figures' / figure}, {r.run_dir / 'figures'}/*_curves.png")
+    _print_skipped(r.run_dir)
     if r.train.stopped_early:
         print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")
 
@@ -169,6 +186,7 @@ def _cmd_linprobe(args: argparse.Namespace) -> int:
     if r.raw_pixels:
         print(f"  raw pixels, same probe: top-1 {r.raw_pixels['top1']:.2f}%")
     print(f"  results: {r.run_dir / 'eval.json'}, probe: {r.run_dir / 'probe.safetensors'}")
+    _print_skipped(r.run_dir)
     return 0
 
 
@@ -183,6 +201,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
             f"{r.num_train} train / {r.num_test} test)"
         )
     print(f"results: {cfg.run.dir}/eval.json")
+    _print_skipped(Path(cfg.run.dir))
     return 0
 
 

@@ -21,6 +21,9 @@ RESUMABLE_CHANGES = ("train.max_steps", "eval.", "train.compile")
 # keys added after runs were saved whose *behaviour* before they existed differs from their
 # default now: a saved config without the key resumes with this value, not the default
 LEGACY_VALUES = {"val_fraction": 0.0}  # fine-tuning chose model_best on the evaluation split
+# keys whose null means "resolved when the run starts" (the data set's or the pretraining's
+# normalization): config.yaml records the value used, and a resume with null still matches it
+RESOLVED_AT_START = ("data.mean", "data.std")
 
 
 def restarted_with_checkpoint(cfg: Any) -> bool:
@@ -81,6 +84,24 @@ def prepare_run(
     return run_dir, device
 
 
+def record_resolved(run_dir: Path, values: dict[str, Any]) -> None:
+    """Write into ``config.yaml`` the values of keys resolved after it was saved (dotted keys,
+    e.g. the data set's own ``data.mean``), so that it is the config the run really used."""
+    path = Path(run_dir) / "config.yaml"
+    if not is_main() or not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in values.items():
+        node = saved
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = [float(v) for v in value] if isinstance(value, list | tuple) else value
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
+    os.replace(tmp, path)
+
+
 def _keep_saved_precision(cfg: Any, run_dir: Path) -> None:
     """A resumed run keeps the precision it was saved with when ``train.precision=auto`` chose
     another here (a run from before ``auto``, or a job requeued on other hardware)."""
@@ -104,6 +125,8 @@ def _check_resume_config(cfg: Any, run_dir: Path) -> None:
     saved = defaults | {k: v for k, v in LEGACY_VALUES.items() if k in defaults} | saved
     for key in sorted(set(saved) | set(now)):
         if key.startswith(RESUMABLE_CHANGES):
+            continue
+        if key in RESOLVED_AT_START and now.get(key) is None:
             continue
         if saved.get(key) != now.get(key):
             hint = ""

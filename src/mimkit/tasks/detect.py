@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from mimkit.config.dense import DetectConfig
 from mimkit.data.dense_transforms import DenseView, DetectTransform, detection_collate
 from mimkit.engine.distributed import sync_batchnorm
-from mimkit.engine.rundir import prepare_run
+from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.trainer import StepOutput
 from mimkit.models.detection import Detector, build_detector
 from mimkit.tasks.dense import (
@@ -150,6 +150,7 @@ def run_detect(cfg: DetectConfig, *, resume: bool = False) -> DenseResult:
     run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit detect")
     mean, std = pretraining_normalization(e.init)
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
+    record_resolved(run_dir, {"data.mean": list(data.mean), "data.std": list(data.std)})
     model, loaded = build_detector_from_config(
         cfg, num_classes=data.num_classes, mean=data.mean, std=data.std
     )

@@ -30,7 +30,7 @@ from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, FinetuneTrans
 from mimkit.data.transforms import seeded_globals
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
-from mimkit.engine.rundir import prepare_run
+from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.models.heads import Classifier
 from mimkit.tasks.downstream import (
@@ -199,6 +199,7 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         report=run_dir / SKIP_REPORT,
         val_fraction=cfg.val_fraction,
     )
+    record_resolved(run_dir, {"data.mean": data.mean, "data.std": data.std})
     num_classes = e.num_classes or data.num_classes
     model, loaded, notes = build_classifier(cfg, num_classes=num_classes)
     model.to(device)

@@ -169,7 +169,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
     import json
 
     from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
-    from mimkit.engine.rundir import prepare_run
+    from mimkit.engine.rundir import prepare_run, record_resolved
     from mimkit.tasks.downstream import classify_data, load_encoder
 
     run_dir, device = prepare_run(cfg, resume=False, single_process="mimkit knn")
@@ -181,6 +181,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
         cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
         mean=loaded.mean, std=loaded.std, report=run_dir / SKIP_REPORT,
     )  # fmt: skip
+    record_resolved(run_dir, {"data.mean": data.mean, "data.std": data.std})
     tf = EvalTransform(e.img_size, data.mean, data.std)
     train, test = (AugmentedView(ds, tf) for ds in (data.train, data.eval))
     results = {

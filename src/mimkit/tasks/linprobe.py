@@ -25,7 +25,7 @@ from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
-from mimkit.engine.rundir import prepare_run
+from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.tasks.downstream import classify_data, downstream_provenance, load_encoder
 from mimkit.tasks.knn import feature_autocast
 
@@ -196,6 +196,7 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
         mean=loaded.mean, std=loaded.std, report=run_dir / SKIP_REPORT,
     )  # fmt: skip
+    record_resolved(run_dir, {"data.mean": data.mean, "data.std": data.std})
     for param in encoder.parameters():
         param.requires_grad_(False)
     layers = list(range(e.depth)) if p.layers == "all" else [e.depth - 1]

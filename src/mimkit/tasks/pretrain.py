@@ -26,7 +26,7 @@ from mimkit.data import (
 from mimkit.data.shards import ShardStream
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
-from mimkit.engine.rundir import prepare_run
+from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
 from mimkit.masking import MaskSampler, mask_from_bool, num_visible
 from mimkit.models import build_beit, build_encoder, build_mae
@@ -240,6 +240,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
             cfg.data, img_size=m.img_size, channels=m.in_chans, report=run_dir / SKIP_REPORT
         )
         mean, std = dataset_stats(cfg.data, base)
+    record_resolved(run_dir, {"data.mean": mean, "data.std": std})
     if m.method == "beit":
         task, train_view, fig_path, draw = _beit_setup(cfg, base, mean, std, device, run_dir)
     else:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mimkit.config.dense import SegmentConfig
 from mimkit.data.dense_transforms import DenseView, SegmentTransform, segmentation_collate
 from mimkit.engine.distributed import sync_batchnorm
-from mimkit.engine.rundir import prepare_run
+from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.trainer import StepOutput
 from mimkit.models.segmentation import Segmenter, slide_inference, whole_inference
 from mimkit.tasks.dense import (
@@ -158,6 +158,7 @@ def run_segment(cfg: SegmentConfig, *, resume: bool = False) -> DenseResult:
     run_dir, device = prepare_run(cfg, resume=resume, ddp_only="mimkit segment")
     mean, std = pretraining_normalization(e.init)  # the encoder sees what it was trained on
     data = dense_data(d, channels=e.in_chans, mean=mean, std=std)
+    record_resolved(run_dir, {"data.mean": list(data.mean), "data.std": list(data.std)})
     model, loaded = build_segmenter(cfg, num_classes=data.num_classes)
     model, bn_note = sync_batchnorm(model.to(device), device)  # SyncBN under torchrun on GPUs
     meta = dense_metadata(cfg, loaded, data, kind="segmenter")
