@@ -573,3 +573,20 @@ def test_every_architecture_is_covered():
     covered = {"ViTModel", "ViTMAEModel", "ViTMAEForPreTraining", "ViTForImageClassification"}
     covered |= {"BeitModel", "BeitForMaskedImageModeling", "BeitForImageClassification"}
     assert set(HF_ARCHITECTURES) == covered
+
+
+def test_a_round_trip_keeps_the_preset_name_of_a_resized_preset():
+    """The Fashion-MNIST recipes say ``arch: vit_tiny`` with ``depth: 6``: still vit_tiny after
+    HF and back; an HF config without mimkit's note is named by its dimensions."""
+    from mimkit.config import load_config, to_dict
+    from mimkit.models import build_encoder
+    from tests.conftest import DEMO
+
+    mc = to_dict(load_config(DEMO).model)
+    assert (mc["arch"], mc["depth"]) == ("vit_tiny", 6)
+    enc = build_encoder(load_config(DEMO).model, fixed_pos_embed=False, mask_token=False)
+    hf_state, hf_config = to_hf(enc.state_dict(), model_config=mc)
+    _, back = from_hf(hf_state, hf_config)
+    assert (back["arch"], back["depth"], back["embed_dim"]) == ("vit_tiny", 6, 192)
+    bare = {k: v for k, v in hf_config.items() if k != "mimkit"}
+    assert from_hf(hf_state, bare)[1]["arch"] == "custom"

@@ -84,8 +84,11 @@ def _model_config_dict(model_config: Mapping[str, Any] | ModelConfig) -> dict[st
 
 
 def _preset_name(embed_dim: int, depth: int, num_heads: int, hint: Any) -> str:
+    """The ``arch`` of a model: ``hint`` (the name mimkit saved with it) when it is a preset of
+    the same width: a recipe's ``vit_tiny`` with ``depth: 6`` stays ``vit_tiny``, its explicit
+    depth saved beside it; else the preset these dimensions match, else ``custom``."""
     dims = (embed_dim, depth, num_heads)
-    if hint in VIT_PRESETS and VIT_PRESETS[hint] == dims:
+    if hint in VIT_PRESETS and VIT_PRESETS[hint][0] == embed_dim:
         return hint
     return next((name for name, v in VIT_PRESETS.items() if v == dims), "custom")
 
@@ -316,7 +319,8 @@ def _spec_from_hf(
         num_heads=heads,
         mlp_ratio=mlp_ratio,
     )
-    mc["arch"] = _preset_name(d, mc["depth"], heads, mc["arch"])
+    hint = saved.get("arch") if isinstance(saved, Mapping) else None  # not ModelConfig's default
+    mc["arch"] = _preset_name(d, mc["depth"], heads, hint)
 
     layer_scale, rel_pos, abs_pos, mask_token, final = False, "none", True, False, "norm"
     if beit:
