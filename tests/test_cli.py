@@ -159,3 +159,47 @@ def test_config_yaml_records_the_normalization_the_run_used(tmp_path):
     assert data["mean"] == [0.5] * 3 and data["std"] == [0.25] * 3  # SyntheticImages' own
     assert main([*args, "--resume"]) == 0  # null in the recipe still matches the recorded value
     assert main([*args, "--resume", "data.mean=[0.4,0.4,0.4]"]) == 2  # a real change does not
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["pretrain", "--help"],
+        ["bench", "--help"],
+        ["convert", "--help"],
+        ["pretrain", "-c", "configs/pretrain/mae_vit_tiny_fmnist.yaml", "mask.ratio=2"],
+        ["finetune", "-c", "configs/finetune/fmnist_vit_tiny.yaml", "model.init=nowhere"],
+        ["knn", "-c", "configs/knn/fmnist_vit_tiny.yaml", "knn.k=0", "model.init=nowhere"],
+        ["segment", "-c", "configs/segment/fmnist_mosaic_vit_tiny.yaml", "train.epochs=0"],
+        ["study", "-c", "configs/studies/mae_mask_ratio_fmnist.yaml", "seeds=[]"],
+    ],
+)
+def test_help_and_config_errors_answer_before_pytorch_is_imported(argv):
+    """The papercut: every error waited for ``import torch`` (30-40 s on a busy machine)."""
+    code = (
+        "import sys\nfrom mimkit.cli import main\n"
+        f"try:\n    rc = main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MIMKIT_PRECISION_AUTO"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=env)  # fmt: skip
+    assert "torch was imported" not in proc.stderr, proc.stderr
+    assert proc.returncode == (0 if "--help" in argv else 2), proc.stderr
+
+
+def test_the_light_header_reader_agrees_with_safetensors(tmp_path):
+    import torch
+
+    from mimkit.engine.checkpoint import read_metadata, save_weights
+    from mimkit.safetensors_header import read_header_metadata
+
+    meta = {"format": "mimkit", "model_config": {"arch": "vit_tiny", "depth": 6}, "note": "x"}
+    save_weights(tmp_path / "a.safetensors", {"w": torch.zeros(2)}, metadata=meta)
+    assert read_header_metadata(tmp_path / "a.safetensors") == read_metadata(
+        tmp_path / "a.safetensors"
+    )
+    (tmp_path / "b.safetensors").write_bytes(b"\x80\x04junk")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_header_metadata(tmp_path / "b.safetensors")

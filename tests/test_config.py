@@ -15,6 +15,7 @@ RECIPES = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 def test_every_pretraining_recipe_loads(recipe, tmp_path):
     tok = tmp_path / "tokenizer.safetensors"
     tok.touch()
+    (tmp_path / "image.png").touch()  # a folder recipe needs an image in data.root
     args = [f"data.root={tmp_path}", f"run.dir={tmp_path / 'r'}", f"tokenizer.checkpoint={tok}"]
     cfg = load_config(recipe, args)
     assert cfg.optim.lr > 0 and cfg.model.embed_dim % cfg.model.num_heads == 0

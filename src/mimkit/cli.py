@@ -49,9 +49,10 @@ def _print_skipped(run_dir: Path) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from mimkit.tasks.pretrain import run_pretrain
 
     cfg = load_config(args.config, args.overrides)
+    from mimkit.tasks.pretrain import run_pretrain  # PyTorch: only once the config is valid
+
     result = run_pretrain(cfg, resume=_resume(args, cfg))
     run_dir = result.run_dir
     print(f"\nrun directory: {run_dir}")
@@ -81,9 +82,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mimkit.config import TokenizerConfig
-    from mimkit.tasks.tokenizer import run_tokenizer
 
     cfg = load_config(args.config, args.overrides, schema=TokenizerConfig)
+    from mimkit.tasks.tokenizer import run_tokenizer
+
     result = run_tokenizer(cfg, resume=_resume(args, cfg))
     run_dir, m = result.run_dir, result.metrics
     print(f"\nrun directory: {run_dir}")
@@ -103,9 +105,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from mimkit.config.downstream import FinetuneConfig
-    from mimkit.tasks.finetune import run_finetune
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    from mimkit.tasks.finetune import run_finetune
+
     r = run_finetune(cfg, resume=_resume(args, cfg))
     print(f"\nrun directory: {r.run_dir}")
     print(f"  steps {r.train.step}, epochs {r.train.epoch}, last loss {r.train.loss:.4f}")
@@ -154,27 +157,30 @@ def _report_dense(r, primary: str, figure: str) -> None:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from mimkit.config.dense import SegmentConfig
-    from mimkit.tasks.segment import run_segment
 
     cfg = load_config(args.config, args.overrides, schema=SegmentConfig)
+    from mimkit.tasks.segment import run_segment
+
     _report_dense(run_segment(cfg, resume=_resume(args, cfg)), "mIoU", "segmentation.png")
     return 0
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from mimkit.config.dense import DetectConfig
-    from mimkit.tasks.detect import run_detect
 
     cfg = load_config(args.config, args.overrides, schema=DetectConfig)
+    from mimkit.tasks.detect import run_detect
+
     _report_dense(run_detect(cfg, resume=_resume(args, cfg)), "box_map", "detection.png")
     return 0
 
 
 def _cmd_linprobe(args: argparse.Namespace) -> int:
     from mimkit.config.downstream import LinprobeConfig
-    from mimkit.tasks.linprobe import run_linprobe
 
     cfg = load_config(args.config, args.overrides, schema=LinprobeConfig)
+    from mimkit.tasks.linprobe import run_linprobe
+
     r = run_linprobe(cfg)
     print(f"\nrun directory: {r.run_dir}")
     print(
@@ -192,9 +198,10 @@ def _cmd_linprobe(args: argparse.Namespace) -> int:
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     from mimkit.config.downstream import KnnCommandConfig
-    from mimkit.tasks.knn import run_knn
 
     cfg = load_config(args.config, args.overrides, schema=KnnCommandConfig)
+    from mimkit.tasks.knn import run_knn
+
     for name, r in run_knn(cfg).items():
         print(
             f"k-NN top-1 ({name}): {r.top1:.2f}%  (k={r.k}, T={r.temperature}, {r.pool}, "
@@ -317,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from mimkit.bench import add_bench_parser
+    from mimkit.commands.bench import add_bench_parser
 
     add_bench_parser(sub)  # mimkit bench: throughput, MFU, the comparison with HF
 
@@ -492,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. pretrain/ or finetune/blockwise_)")  # fmt: skip
     p.set_defaults(func=_cmd_study)
 
-    from mimkit.interop.cli import add_convert_parser, add_inspect_parser
+    from mimkit.commands.interop import add_convert_parser, add_inspect_parser
 
     add_convert_parser(sub)  # mimkit convert
 
@@ -520,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_config)
     add_inspect_parser(sub)  # mimkit inspect
-    from mimkit.data.cli import add_data_parser
+    from mimkit.commands.data import add_data_parser
 
     add_data_parser(sub)  # mimkit data shard | verify
     return parser
@@ -530,9 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _stdout_on_rank0() -> Iterator[None]:
     """Under torchrun, only rank 0 prints its reports (as the official MAE/BEiT code); the
     other ranks' errors and warnings still reach stderr."""
-    from mimkit.engine.distributed import is_main
-
-    if is_main():
+    if os.environ.get("RANK", "0") == "0":  # torchrun's; read before PyTorch is imported
         yield
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -582,11 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         print("mimkit: interrupted", file=sys.stderr)
         return 130
     finally:
-        from mimkit.engine.distributed import shutdown
-
         # leave torchrun's process group, if this command joined one: after a success, every
         # rank leaves together (a failed rank is ended by torchrun, which stops the others)
-        shutdown(wait=succeeded)
+        if "mimkit.engine.distributed" in sys.modules:  # nothing to leave before torch
+            from mimkit.engine.distributed import shutdown
+
+            shutdown(wait=succeeded)
 
 
 if __name__ == "__main__":

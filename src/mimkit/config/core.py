@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,8 @@ def load_config(
         raise ConfigError(_omegaconf_message(err, source)) from None
     if hasattr(cfg, "resolve"):
         cfg.resolve()
+    cfg.validate()  # before the precision is resolved: errors first, without PyTorch
     resolve_precision(cfg)
-    cfg.validate()
     return cfg
 
 
@@ -139,14 +140,26 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
     return set()
 
 
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, without importing PyTorch where no GPU driver is loaded (no
+    NVIDIA or ROCm device node): config checks on a CPU machine stay light."""
+    if "torch" not in sys.modules and not any(
+        Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd")
+    ):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def native_bf16(device: str = "auto") -> tuple[bool, str]:
     """Whether ``device`` computes bf16 natively, and why: a CUDA GPU that supports bf16, or a CPU
     with ``avx512_bf16`` or AMX (Linux ``/proc/cpuinfo`` flags). ``device``: a ``run.device``."""
-    import torch
-
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if _cuda_available() else "cpu"
     if device.startswith("cuda"):
+        import torch
+
         if not torch.cuda.is_available():
             return False, "CUDA is not available"
         index = torch.device(device).index or 0

@@ -104,15 +104,37 @@ class EncoderConfig:
         )
 
 
+def _saved_model_config(init: str) -> dict:
+    """``model_config`` from ``init``'s provenance: read from the file's header without PyTorch
+    for a weights file or a run directory's named file; a run with only ``checkpoints/`` goes
+    through the checkpoint reader (which verifies the newest complete one)."""
+    p = Path(init)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    names = ("encoder.safetensors", "model_best.safetensors", "model.safetensors")
+    file = p if p.is_file() else next((p / n for n in names if (p / n).is_file()), None)
+    if file is None or file.suffix != ".safetensors":
+        from mimkit.models.loading import checkpoint_model_config  # the full search, its errors
+
+        return checkpoint_model_config(init)
+    from mimkit.safetensors_header import read_header_metadata
+
+    meta = read_header_metadata(file)
+    if meta.get("format") != "mimkit" or "model_config" not in meta:
+        raise ValueError(
+            f"{file} has no mimkit provenance metadata (model_config): give a checkpoint written "
+            "by mimkit"
+        )
+    return dict(meta["model_config"])
+
+
 def resolve_encoder(e: EncoderConfig) -> None:
     """Fill null architecture keys from ``e.init``'s provenance, then from presets/defaults."""
     if e.init is not None and e.init.lower() in ("none", "scratch", ""):
         e.init = None
     if e.init is not None:
-        from mimkit.models.loading import checkpoint_model_config  # reads metadata only
-
         try:
-            saved = checkpoint_model_config(e.init)
+            saved = _saved_model_config(e.init)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"model.init={e.init!r}: {err}") from None
         for key in (*_ARCH_KEYS, "layer_scale", "abs_pos_emb"):

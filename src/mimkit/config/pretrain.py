@@ -343,10 +343,11 @@ def _validate_shards(cfg: PretrainConfig) -> None:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def has_images(root: str | Path) -> bool:
-    """Whether ``root`` or a folder below it holds at least one image file (stops at the first)."""
-    for _, _, files in os.walk(root, followlinks=True):
-        if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+def has_images(root: str | Path, *, max_dirs: int = 2000) -> bool:
+    """Whether ``root`` or a folder below it holds an image file. Stops at the first one, and
+    after ``max_dirs`` folders without one says True: the data set's own listing decides."""
+    for seen, (_, _, files) in enumerate(os.walk(root, followlinks=True)):
+        if seen >= max_dirs or any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
             return True
     return False
 
