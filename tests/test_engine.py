@@ -191,3 +191,14 @@ def test_pretrain_on_an_image_folder(tmp_path):
 def test_mae_with_blockwise_masks_from_the_pipeline(tmp_path):
     res = _run(tmp_path, "k", **{"mask.strategy": "blockwise", "mask.min_block": 2})
     assert res.train.step == 16 and math.isfinite(res.train.loss)
+
+
+def test_progress_says_how_far_a_phase_is_when_not_on_a_terminal(capsys):
+    from mimkit.engine.progress import progress
+
+    assert list(progress(range(3), desc="k-NN: test features", every_s=0.0)) == [0, 1, 2]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("k-NN: test features: 1/3 batches")
+    assert lines[-1].startswith("k-NN: test features: done, 3 batches in")
+    assert list(progress(iter([1]), desc="quick")) == [1]  # a short phase stays quiet
+    assert capsys.readouterr().out == ""

@@ -344,6 +344,15 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        if show and not interactive:  # the first step's line may be a while away (workers)
+            batch = self.cfg.batch_size * self.optim_cfg.accum_steps * world_size()
+            print(
+                f"{getattr(self.task, 'name', 'train')}: steps {self.step + 1}-{self.max_steps} "
+                f"({self.steps_per_epoch} per epoch), {batch} images per step"
+                + (f" ({world_size()} processes)" if world_size() > 1 else "")
+                + f", {self.cfg.precision}",
+                flush=True,
+            )
         last_loss, loss_mean, t0, seen = math.nan, None, time.perf_counter(), 0
         last_line = time.perf_counter()
         history: list[dict] = []

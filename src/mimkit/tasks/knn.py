@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from mimkit.engine.progress import progress
 from mimkit.models.vit import VisionTransformer
 
 __all__ = [
@@ -37,6 +38,7 @@ def extract_features(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     precision: str = "fp32",
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (M, D) float32 on CPU, labels (M,)) of a dataset yielding (image, label).
 
@@ -51,7 +53,7 @@ def extract_features(
     # inference mode, not no_grad: no autograd bookkeeping at all (~10% faster on CPU); the
     # concatenation outside it makes ordinary tensors that a probe can train on
     with torch.inference_mode(), feature_autocast(encoder, device, precision):
-        for imgs, y in loader:
+        for imgs, y in progress(loader, desc=desc):
             x = imgs.to(device)
             if last:
                 tokens = encoder.forward_features(x)  # (B, 1+N, D)
@@ -136,8 +138,8 @@ def knn_evaluate(
 ) -> KnnResult:
     """Top-1 accuracy of weighted k-NN with ``encoder``'s frozen features (block ``layer``)."""
     opts = dict(pool=pool, layer=layer, batch_size=batch_size, device=device, precision=precision)
-    tr_f, tr_y = extract_features(encoder, train_set, **opts)
-    te_f, te_y = extract_features(encoder, test_set, **opts)
+    tr_f, tr_y = extract_features(encoder, train_set, **opts, desc="k-NN: training features")
+    te_f, te_y = extract_features(encoder, test_set, **opts, desc="k-NN: test features")
     pred = knn_predict(tr_f, tr_y, te_f, k=k, temperature=temperature)
     top1 = 100.0 * (pred == te_y).float().mean().item()
     return KnnResult(top1, k, temperature, pool, len(tr_f), len(te_f))

@@ -25,6 +25,7 @@ from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import cosine_lr, set_lr
+from mimkit.engine.progress import progress
 from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.tasks.downstream import classify_data, downstream_provenance, load_encoder
 from mimkit.tasks.knn import feature_autocast
@@ -42,6 +43,7 @@ def block_features(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     precision: str = "fp32",
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (L, M, D) float32 on CPU, labels (M,)): pooled outputs of blocks ``layers``.
 
@@ -56,7 +58,7 @@ def block_features(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     # as extract_features: the concatenation outside inference mode makes ordinary tensors
     with torch.inference_mode(), feature_autocast(encoder, device, precision):
-        for imgs, y in loader:
+        for imgs, y in progress(loader, desc=desc):
             outs = encoder.forward_intermediates(imgs.to(device), layers, norm=True)  # L x (B,T,D)
             for i, tokens in enumerate(outs):
                 if pool == "cls_avg":
@@ -217,8 +219,8 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
         f"{[i + 1 for i in layers]}",
         flush=True,
     )
-    train_x, train_y = block_features(encoder, views[0], **opts)
-    test_x, test_y = block_features(encoder, views[1], **opts)
+    train_x, train_y = block_features(encoder, views[0], **opts, desc="linprobe: training features")
+    test_x, test_y = block_features(encoder, views[1], **opts, desc="linprobe: test features")
     blocks = [i + 1 for i in layers]  # 1-based, as reported
     if p.last_blocks > 1:  # (N, M, D) -> (1, M, N * D), blocks in order
         train_x, test_x = (torch.cat(list(x), dim=-1)[None] for x in (train_x, test_x))
