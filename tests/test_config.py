@@ -159,3 +159,24 @@ def test_cli_malformed_yaml(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "malformed YAML" in proc.stderr
+
+
+def test_the_global_batch_sets_accumulation_and_lr_for_any_number_of_processes(monkeypatch):
+    mae = ROOT / "configs/pretrain/mae_vit_base_in1k.yaml"
+    for procs, accum in ((1, 64), (8, 8), (64, 1)):
+        monkeypatch.setenv("WORLD_SIZE", str(procs))
+        cfg = load_config(mae, ["data.root=/"])
+        assert cfg.train.global_batch_size == 4096 and cfg.optim.accum_steps == accum
+        assert cfg.optim.lr == pytest.approx(1.5e-4 * 4096 / 256)  # the paper's, every time
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=4096 is not a multiple of "
+                       r"train.batch_size=64 x 3 processes = 192"):  # fmt: skip
+        load_config(mae, ["data.root=/"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"optim.accum_steps=4 contradicts"):
+        load_config(mae, ["data.root=/", "optim.accum_steps=4"])
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=0 is not allowed"):
+        load_config(mae, ["data.root=/", "train.global_batch_size=0"])
+    # a recipe without it keeps its meaning: batch_size x accum_steps x processes
+    cfg = load_config(DEMO, ["optim.accum_steps=2"])
+    assert cfg.train.global_batch_size is None and cfg.optim.accum_steps == 2

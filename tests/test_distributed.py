@@ -312,3 +312,23 @@ def test_segmentation_batchnorm_is_synchronized_on_gpus_only(monkeypatch):
     model, note = sync_batchnorm(head(), torch.device("cuda"))  # converting needs no GPU
     synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
     assert len(synced) == 2 and "SyncBatchNorm" in note and set(model.state_dict()) == keys
+
+
+def test_a_global_batch_recipe_runs_unchanged_on_one_or_two_processes(tmp_path):
+    """train.global_batch_size=8 with train.batch_size=4: 2 accumulation steps on one process,
+    none on two; the same lr and, after 16 steps, the same weights."""
+    import yaml
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("train.global_batch_size=8", "train.epochs=1")
+    _pretrain(one, *extra, batch=4)
+    _pretrain(two, *extra, batch=4, nproc=2)
+    c1, c2 = (yaml.safe_load((r / "config.yaml").read_text()) for r in (one, two))
+    assert (c1["optim"]["accum_steps"], c2["optim"]["accum_steps"]) == (2, 1)
+    assert c1["optim"]["lr"] == c2["optim"]["lr"] == pytest.approx(1e-3 * 8 / 256)
+    assert c1["train"]["global_batch_size"] == c2["train"]["global_batch_size"] == 8
+    torch.testing.assert_close(torch.tensor(_losses(two)), torch.tensor(_losses(one)),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    wa, wb = _weights(one), _weights(two)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import fail, positive, world_size
+from mimkit.config.core import fail, positive
 from mimkit.config.downstream import (
     EncoderConfig,
     FinetuneOptimConfig,
@@ -23,6 +23,7 @@ from mimkit.config.downstream import (
 from mimkit.config.pretrain import (
     RunConfig,
     TrainConfig,
+    resolve_batch_and_lr,
     validate_optim,
     validate_run,
     validate_train,
@@ -227,9 +228,7 @@ class DetectConfig:
 
 def _resolve(cfg: SegmentConfig | DetectConfig) -> None:
     resolve_encoder(cfg.model)
-    o = cfg.optim
-    if o.lr is None and o.base_lr > 0 and cfg.train.batch_size > 0:
-        o.lr = o.base_lr * cfg.train.batch_size * max(o.accum_steps, 1) * world_size() / 256
+    resolve_batch_and_lr(cfg.optim, cfg.train)
 
 
 def _validate(cfg: SegmentConfig | DetectConfig, command: str, names: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import ConfigError, fail, native_bf16, positive, world_size
+from mimkit.config.core import ConfigError, fail, native_bf16, positive
 from mimkit.config.pretrain import (
     VIT_PRESETS,
     DataConfig,
@@ -19,6 +19,7 @@ from mimkit.config.pretrain import (
     OptimConfig,
     RunConfig,
     TrainConfig,
+    resolve_batch_and_lr,
     validate_data,
     validate_optim,
     validate_run,
@@ -264,9 +265,7 @@ class FinetuneConfig:
 
     def resolve(self) -> None:
         resolve_encoder(self.model)
-        o = self.optim
-        if o.lr is None and o.base_lr > 0 and self.train.batch_size > 0:
-            o.lr = o.base_lr * self.train.batch_size * max(o.accum_steps, 1) * world_size() / 256
+        resolve_batch_and_lr(self.optim, self.train)
 
     def validate(self) -> None:
         validate_encoder(self.model)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import fail, positive, world_size
+from mimkit.config.core import ConfigError, fail, positive, world_size
 
 # train.attention: how the timm attention layers compute (mimkit.models.attention.set_attention)
 ATTENTION_MODES = ("auto", "fused", "explicit")
@@ -139,6 +139,10 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 800
     batch_size: int = 64  # per process, per micro-step
+    # the papers' batch, the same on any number of processes: optim.accum_steps is derived from
+    # it (global = batch_size x accum_steps x processes, which must divide it) and the lr follows
+    # it; null: the batch is batch_size x optim.accum_steps x processes
+    global_batch_size: int | None = None
     max_steps: int | None = None  # stop after N optimizer steps; the schedule still follows epochs
     steps: int | None = (
         None  # a budget in optimizer steps instead of epochs (the schedule spans it)
@@ -213,10 +217,39 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
         m.embed_dim = width if m.embed_dim is None else m.embed_dim
         m.depth = depth if m.depth is None else m.depth
         m.num_heads = heads if m.num_heads is None else m.num_heads
-    if cfg.optim.lr is None and cfg.optim.base_lr > 0 and cfg.train.batch_size > 0:
-        eff = cfg.train.batch_size * max(cfg.optim.accum_steps, 1) * world_size()
-        cfg.optim.lr = cfg.optim.base_lr * eff / 256
+    resolve_batch_and_lr(cfg.optim, cfg.train)
     return cfg
+
+
+def scaled_lr(base_lr: float, batch: int) -> float:
+    """The linear scaling rule of the MAE and BEiT recipes: lr = base_lr x batch / 256."""
+    return base_lr * batch / 256
+
+
+def resolve_batch_and_lr(o: OptimConfig, t: TrainConfig) -> None:
+    """``train.global_batch_size`` -> ``optim.accum_steps`` for this number of processes (one line
+    naming both keys when it does not divide), then the absolute lr (when not given) from the
+    effective batch ``batch_size x accum_steps x processes``."""
+    procs = world_size()
+    g = t.global_batch_size
+    if g is not None and g > 0 and t.batch_size > 0:
+        per_step = t.batch_size * procs
+        on = f" x {procs} processes" if procs > 1 else ""
+        if g % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={g} is not a multiple of train.batch_size="
+                f"{t.batch_size}{on} = {per_step}: choose a per-process batch that divides it"
+            )
+        accum = g // per_step
+        if o.accum_steps not in (1, accum):
+            raise ConfigError(
+                f"optim.accum_steps={o.accum_steps} contradicts train.global_batch_size={g} "
+                f"(train.batch_size={t.batch_size}{on} needs {accum}): leave optim.accum_steps "
+                "out, it is derived"
+            )
+        o.accum_steps = accum
+    if o.lr is None and o.base_lr > 0 and t.batch_size > 0 and o.accum_steps > 0:
+        o.lr = scaled_lr(o.base_lr, t.batch_size * o.accum_steps * procs)
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -425,6 +458,8 @@ def validate_optim(o: OptimConfig, t: TrainConfig) -> None:
 
 
 def validate_train(t: TrainConfig) -> None:
+    if t.global_batch_size is not None:
+        positive("train.global_batch_size", t.global_batch_size)
     positive("train.epochs", t.epochs)
     if t.max_steps is not None:
         positive("train.max_steps", t.max_steps)

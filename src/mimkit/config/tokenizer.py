@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config.core import fail, positive, world_size
+from mimkit.config.core import fail, positive
 from mimkit.config.pretrain import (
     DataConfig,
     OptimConfig,
     RunConfig,
     TrainConfig,
+    resolve_batch_and_lr,
     validate_data,
     validate_optim,
     validate_run,
@@ -57,9 +58,7 @@ class TokenizerConfig:
     eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
 
     def resolve(self) -> None:
-        o, t = self.optim, self.train
-        if o.lr is None and o.base_lr > 0 and t.batch_size > 0 and o.accum_steps > 0:
-            o.lr = o.base_lr * t.batch_size * o.accum_steps * world_size() / 256
+        resolve_batch_and_lr(self.optim, self.train)
 
     def validate(self) -> None:
         tk, loss = self.tokenizer, self.loss

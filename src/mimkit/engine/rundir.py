@@ -16,8 +16,9 @@ from mimkit.engine.distributed import barrier, init_distributed, is_main, rank, 
 __all__ = ["RESUMABLE_CHANGES", "prepare_run", "restarted_with_checkpoint"]
 
 # keys that may differ when a run is resumed (how long to go on, what to evaluate after,
-# and whether the model is compiled: the same maths and weights)
-RESUMABLE_CHANGES = ("train.max_steps", "eval.", "train.compile")
+# and whether the model is compiled: the same maths and weights; a global batch given instead of
+# the accumulation it resolves to: optim.accum_steps and optim.lr are still compared)
+RESUMABLE_CHANGES = ("train.max_steps", "eval.", "train.compile", "train.global_batch_size")
 # keys added after runs were saved whose *behaviour* before they existed differs from their
 # default now: a saved config without the key resumes with this value, not the default
 LEGACY_VALUES = {"val_fraction": 0.0}  # fine-tuning chose model_best on the evaluation split
