@@ -160,3 +160,24 @@ def test_beit_needs_no_tokenizer_file_but_every_other_check_holds(tmp_path):
     pixels = load_bench_config(BEIT, [*overrides, "target.kind=pixels"])
     with pytest.raises(ConfigError, match="no pixel head"):
         run_bench(pixels, compare=True, **QUICK)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_in_its_cpu_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-smoke: every step of the GPU check, tiny, on the CPU; the
+    GPU tests are collected (and skipped), and summary.md gathers what was measured."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path)}
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    proc = subprocess.run(["bash", script, "--cpu-smoke"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    status = (tmp_path / "status.txt").read_text()
+    for name in ("env", "gpu_tests", "bench_mae_vit_base_in1k", "bench_beit_vit_base_in1k",
+                 "fmnist_run", "bench_fmnist"):  # fmt: skip
+        assert f"{name} rc=0" in status, status
+    summary = (tmp_path / "summary.md").read_text()
+    assert "HF ViTMAEForPreTraining" in summary and "data pipeline alone" in summary
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()

@@ -72,6 +72,9 @@ def prepare_run(
         )
     device = init_distributed(cfg.run.device)  # joins torchrun's process group, if any
     if cfg.run.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls (else torch raises at the
+        # first one on CUDA); read when cuBLAS starts, so set before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     # one stream per rank (masks, dropout); DDP broadcasts rank 0's initial weights
     torch.manual_seed(cfg.run.seed + rank())
