@@ -180,3 +180,45 @@ def test_the_global_batch_sets_accumulation_and_lr_for_any_number_of_processes(m
     # a recipe without it keeps its meaning: batch_size x accum_steps x processes
     cfg = load_config(DEMO, ["optim.accum_steps=2"])
     assert cfg.train.global_batch_size is None and cfg.optim.accum_steps == 2
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_pretraining_recipe_builds_at_its_real_size(recipe, tmp_path):
+    """--dry-run's plan: the recipe's model on the meta device (no memory), its FLOPs per step;
+    the MAE encoders have exactly timm's parameter count for the same ViT (an independent
+    oracle)."""
+    import timm
+    import torch
+
+    from mimkit.tasks.dryrun import pretrain_plan
+
+    tok = tmp_path / "tokenizer.safetensors"
+    tok.touch()
+    (tmp_path / "image.png").touch()
+    cfg = load_config(recipe, [f"data.root={tmp_path}", f"tokenizer.checkpoint={tok}"])
+    plan = pretrain_plan(cfg)
+    assert plan.params > plan.encoder_params > 0 and plan.flops_per_step > 0
+    assert plan.global_batch == cfg.train.batch_size * cfg.optim.accum_steps
+    m = cfg.model
+    if (
+        m.method == "mae"
+        and m.arch != "custom"
+        and m.depth == {"vit_tiny": 12}.get(m.arch, m.depth)
+    ):
+        name = f"{m.arch}_patch{m.patch_size}_{m.img_size}"
+        with torch.device("meta"):
+            ref = timm.create_model(name, pretrained=False, num_classes=0, in_chans=m.in_chans)
+        assert plan.encoder_params == sum(p.numel() for p in ref.parameters())
+
+
+def test_pretrain_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys):
+    from mimkit.cli import main
+
+    run = tmp_path / "r"
+    assert main(["pretrain", "-c", str(DEMO), f"run.dir={run}", "--dry-run",
+                 "train.global_batch_size=512", "train.batch_size=128"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "global batch 512 = batch_size 128 (1 process) x accum_steps 4" in out
+    assert "60,000 images per epoch, 117 steps per epoch; 234 steps in total" in out
+    assert "FLOP per optimizer step" in out and "optim:" in out  # the resolved config too
+    assert not run.exists()

@@ -51,6 +51,13 @@ def _print_skipped(run_dir: Path) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from mimkit.config import to_dict
+        from mimkit.tasks.dryrun import format_plan, pretrain_plan
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(format_plan(pretrain_plan(cfg)))
+        return 0
     from mimkit.tasks.pretrain import run_pretrain  # PyTorch: only once the config is valid
 
     result = run_pretrain(cfg, resume=_resume(args, cfg))
@@ -340,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in run.dir from its latest complete checkpoint",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameters, global batch and accumulation, steps per "
+        "epoch and in total, FLOPs per step (the model built on the meta device), and stop",
     )
     p.set_defaults(func=_cmd_pretrain)
 

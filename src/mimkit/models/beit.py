@@ -79,7 +79,7 @@ class BEiTEncoder(nn.Module):
             if shared_rel_pos_bias
             else None
         )
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             BeitBlock(

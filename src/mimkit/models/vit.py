@@ -89,7 +89,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=not fixed_pos_embed
         )
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
+        rates = torch.linspace(
+            0, drop_path, depth, device="cpu"
+        ).tolist()  # stochastic depth decay rule
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             Block(
