@@ -643,3 +643,58 @@ def test_resume_keeps_the_saved_precision_when_auto_would_change_it(tmp_path, mo
                            schema=FinetuneConfig)  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.precision"):
         prepare_run(explicit, resume=True)  # asked for explicitly: refused, as any change
+
+
+# ---- mimkit eval ----
+
+
+def test_eval_scores_an_official_finetuned_checkpoint_as_timm_does(tmp_path, capsys):
+    """An official MAE fine-tuned checkpoint (a timm ViT with random weights, saved as the
+    official main_finetune.py saves it), converted, then scored: the same logits and top-1 as
+    timm's own forward on the same images; nothing is trained."""
+    import timm
+
+    from mimkit.cli import main
+    from mimkit.data import AugmentedView, EvalTransform
+    from mimkit.tasks.downstream import classify_data, pretraining_normalization
+    from mimkit.tasks.evaluate import run_eval
+    from tests.test_interop_official import write_official
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                            global_pool="avg").eval()  # fmt: skip
+    official = write_official(tmp_path / "checkpoint-99.pth", ref.state_dict(),
+                              {"model": "vit_base_patch16", "global_pool": True})  # fmt: skip
+    converted = tmp_path / "ft.safetensors"
+    assert main(["convert", str(official), str(converted), "--num-heads", "2"]) == 0
+    args = [f"model.init={converted}", f"run.dir={tmp_path / 'ev'}", "data.name=synthetic",
+            "data.synthetic_size=40", "data.num_workers=0", "train.precision=fp32"]  # fmt: skip
+    cfg = load_config(FT, args, schema=FinetuneConfig)
+    res = run_eval(cfg, keep_logits=True)
+    mean, std = pretraining_normalization(str(converted))  # the official one: ImageNet's
+    assert mean is not None and std is not None
+    data = classify_data(cfg.data, img_size=16, channels=3, seed=0, mean=mean, std=std)
+    view = AugmentedView(data.eval, EvalTransform(16, data.mean, data.std))
+    imgs = torch.stack([view[i][0] for i in range(len(view))])
+    with torch.no_grad():
+        want = ref(imgs)
+    torch.testing.assert_close(res.logits, want, rtol=1e-5, atol=1e-5)
+    top1 = 100.0 * float((want.argmax(1) == res.labels).float().mean())
+    assert res.metrics["top1"] == pytest.approx(top1) and res.metrics["num_images"] == len(view)
+    # the CLI: eval.json, and nothing trained
+    assert main(["eval", "-c", str(FT), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {top1:.2f}%" in out
+    record = json.loads((tmp_path / "ev" / "eval.json").read_text())["eval"]
+    assert record["top1"] == pytest.approx(top1) and record["pool"] == "avg"
+    assert not (tmp_path / "ev" / "checkpoints").exists()
+
+
+def test_eval_refuses_a_checkpoint_without_a_head(tmp_path, pretrained, capsys):
+    from mimkit.cli import main
+
+    args = ["eval", "-c", str(FT), f"model.init={pretrained['mae']}", f"run.dir={tmp_path}",
+            "data.name=synthetic"]  # fmt: skip
+    assert main(args) == 2
+    assert "has no classifier head" in capsys.readouterr().err

@@ -162,6 +162,23 @@ def _report_dense(r, primary: str, figure: str) -> None:
         print(f"  stopped by train.max_steps; continue with --resume (run.dir={r.run_dir})")
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mimkit.config.downstream import FinetuneConfig
+
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    from mimkit.tasks.evaluate import run_eval
+
+    r = run_eval(cfg)
+    m = r.metrics
+    print(
+        f"eval ({r.split}, {m['num_images']} images, {cfg.train.precision}): top-1 "
+        f"{m['top1']:.2f}% / top-5 {m['top5']:.2f}%, loss {m['loss']:.4f}"
+    )
+    print(f"results: {r.run_dir / 'eval.json'}")
+    _print_skipped(r.run_dir)
+    return 0
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from mimkit.config.dense import SegmentConfig
 
@@ -334,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     from mimkit.commands.bench import add_bench_parser
 
     add_bench_parser(sub)  # mimkit bench: throughput, MFU, the comparison with HF
+
+    p = sub.add_parser(
+        "eval",
+        help="score a classifier checkpoint on a split; trains nothing",
+        description="Score a classifier checkpoint (a mimkit fine-tuning, or an official MAE/"
+        "BEiT, timm or Hugging Face classifier converted with `mimkit convert`) on the "
+        "evaluation split of a fine-tuning recipe (data.eval_split / data.eval_root): top-1, "
+        "top-5 and loss to run.dir/eval.json. The official repos' --eval.",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "pretrain",

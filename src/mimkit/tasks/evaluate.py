@@ -1,0 +1,96 @@
+"""``mimkit eval``: score a classifier checkpoint on a split, training nothing (the official
+repos' ``--eval``).
+
+Any classifier mimkit reads: a mimkit fine-tuning (``model_best.safetensors``), an official MAE /
+BEiT fine-tuned checkpoint or a timm / Hugging Face classifier once converted with
+``mimkit convert`` (safetensors with its head). The recipe is a fine-tuning recipe: its
+``model.*`` says the architecture (null keys come from the checkpoint), ``data.*`` the split
+(``data.eval_split`` or ``data.eval_root``) and the normalization (``data.mean/std``, else the
+checkpoint's, else the data set's); ``train.precision`` the autocast of the forward passes.
+Writes ``eval.json`` (and the resolved ``config.yaml``) to ``run.dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkit.config import ConfigError, save_config
+from mimkit.config.downstream import FinetuneConfig
+from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform
+from mimkit.engine.distributed import pick_device
+from mimkit.tasks.downstream import classify_data, pretraining_normalization
+from mimkit.tasks.finetune import build_classifier
+
+__all__ = ["EvalResult", "run_eval"]
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    split: str
+    metrics: dict[str, Any]  # top1, top5 (percent), loss, num_images
+    logits: torch.Tensor | None  # (M, C) float32, when asked for
+    labels: torch.Tensor | None
+
+
+def run_eval(cfg: FinetuneConfig, *, keep_logits: bool = False) -> EvalResult:
+    """Score ``cfg.model.init`` on the evaluation split of ``cfg.data`` (see the module)."""
+    e = cfg.model
+    if e.init is None:
+        raise ConfigError("model.init=None is not allowed: mimkit eval scores a checkpoint")
+    from mimkit.models.loading import load_encoder_weights
+
+    head = load_encoder_weights(e.init).head
+    if "head.weight" not in head:
+        raise ConfigError(
+            f"model.init={e.init!r} has no classifier head (head.weight): mimkit eval scores a "
+            "fine-tuned classifier (a pretrained encoder: mimkit linprobe or knn)"
+        )
+    num_classes = int(head["head.weight"].shape[0])
+    if e.num_classes not in (None, num_classes):
+        raise ConfigError(
+            f"model.num_classes={e.num_classes} is not allowed: the checkpoint's head has "
+            f"{num_classes} classes"
+        )
+    e.pool = "avg" if "fc_norm.weight" in head else "cls"  # as the checkpoint was trained
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.run.device)
+    mean, std = pretraining_normalization(e.init)
+    data = classify_data(cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
+                         mean=mean, std=std, report=run_dir / SKIP_REPORT)  # fmt: skip
+    model, _, notes = build_classifier(cfg, num_classes=num_classes)
+    for note in notes:
+        print(f"eval: {note}", flush=True)
+    model.to(device).eval()
+    view = AugmentedView(data.eval, EvalTransform(e.img_size, data.mean, data.std))
+    loader = torch.utils.data.DataLoader(view, batch_size=cfg.train.batch_size,
+                                         num_workers=cfg.data.num_workers)  # fmt: skip
+    bf16 = cfg.train.precision in ("bf16", "fp16")
+    dtype = torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16
+    logits, labels = [], []
+    with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=bf16):
+        for imgs, y in loader:
+            logits.append(model(imgs.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    out, y = torch.cat(logits), torch.cat(labels)
+    top = out.topk(min(5, out.shape[1]), dim=1).indices
+    hits = top == y[:, None]
+    metrics = {
+        "top1": 100.0 * float(hits[:, 0].float().mean()),
+        "top5": 100.0 * float(hits.any(dim=1).float().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(out, y)),
+        "num_images": len(y),
+    }
+    split = str(cfg.data.eval_root) if cfg.data.name == "folder" else cfg.data.eval_split
+    record = {"split": split, **metrics, "weights": str(e.init), "precision": cfg.train.precision,
+              "classes": num_classes, "pool": e.pool}  # fmt: skip
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "eval.json").write_text(json.dumps({"eval": record}, indent=2) + "\n")
+    return EvalResult(run_dir, split, metrics, out if keep_logits else None,
+                      y if keep_logits else None)  # fmt: skip
