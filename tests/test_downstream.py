@@ -698,3 +698,19 @@ def test_eval_refuses_a_checkpoint_without_a_head(tmp_path, pretrained, capsys):
             "data.name=synthetic"]  # fmt: skip
     assert main(args) == 2
     assert "has no classifier head" in capsys.readouterr().err
+
+
+def test_partial_finetuning_trains_only_the_last_blocks(tmp_path, pretrained):
+    """MAE's partial fine-tuning (model.trainable_blocks=k): the patch embedding, position table
+    and earlier blocks keep their pretrained values; the last k blocks, the norm and head move."""
+    args = _ft_args(tmp_path / "ft", pretrained["mae"], **{"model.trainable_blocks": 1})
+    cfg = load_config(FT, args, schema=FinetuneConfig)
+    res = run_finetune(cfg)
+    assert any("partial fine-tuning: the last 1 blocks" in n for n in res.notes)
+    before, _ = ckpt.load_weights(pretrained["mae"] / "encoder.safetensors")
+    after, _ = ckpt.load_weights(tmp_path / "ft" / "model_last.safetensors")
+    for k in ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.attn.qkv.weight"):
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
+    with pytest.raises(ConfigError, match=r"model.trainable_blocks=3 is not allowed"):
+        load_config(FT, [*args, "model.trainable_blocks=3"], schema=FinetuneConfig)

@@ -84,6 +84,10 @@ class EncoderConfig:
     pool: str = "avg"  # avg: mean of patch tokens + fc_norm (BEiT, MAE global pool) | cls
     num_classes: int | None = None  # null: from the training data
     head_init_std: float = 2e-5  # MAE: trunc_normal(2e-5); BEiT: 0.02 * init_scale 0.001
+    # fine-tuning: train only the last k blocks (and the final norm and head), the patch
+    # embedding, tokens, position tables and earlier blocks frozen: MAE's partial fine-tuning
+    # (Fig. 9; k=0 trains the head alone); null: every parameter trains
+    trainable_blocks: int | None = None
 
     def model_config(self) -> ModelConfig:
         """The resolved :class:`ModelConfig` for :func:`mimkit.models.build_encoder`."""
@@ -277,6 +281,9 @@ class FinetuneConfig:
             fail("optim.layer_decay", self.optim.layer_decay, "must be in (0, 1]")
         if not self.optim.head_lr_mult > 0:
             fail("optim.head_lr_mult", self.optim.head_lr_mult, "must be > 0")
+        k = self.model.trainable_blocks
+        if k is not None and not 0 <= k <= self.model.depth:
+            fail("model.trainable_blocks", k, f"in [0, model.depth={self.model.depth}] or null")
         a = self.aug
         for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(a, key) <= 1:

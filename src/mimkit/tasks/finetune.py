@@ -158,6 +158,21 @@ def build_classifier(cfg: FinetuneConfig, *, num_classes: int) -> tuple[Classifi
     return model, loaded, notes
 
 
+def freeze_all_but_last_blocks(model: Classifier, k: int) -> int:
+    """MAE's partial fine-tuning: every encoder parameter frozen except those of its last ``k``
+    blocks and its final norm; the classifier's ``fc_norm`` and head train. Returns the number
+    of parameters frozen."""
+    enc = model.encoder
+    keep = {id(p) for blk in list(enc.blocks)[len(enc.blocks) - k :] for p in blk.parameters()}
+    keep |= {id(p) for p in enc.norm.parameters()}
+    frozen = 0
+    for p in enc.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 def _classifier_metadata(cfg, loaded, data, num_classes: int) -> dict[str, Any]:
     e = cfg.model
     pre = loaded.weights.metadata if loaded.weights is not None else {}
@@ -202,6 +217,10 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
     record_resolved(run_dir, {"data.mean": data.mean, "data.std": data.std})
     num_classes = e.num_classes or data.num_classes
     model, loaded, notes = build_classifier(cfg, num_classes=num_classes)
+    if e.trainable_blocks is not None:
+        frozen = freeze_all_but_last_blocks(model, e.trainable_blocks)
+        notes.append(f"partial fine-tuning: the last {e.trainable_blocks} blocks, the final norm "
+                     f"and the head train; {frozen:,} parameters frozen")  # fmt: skip
     model.to(device)
     meta = _classifier_metadata(cfg, loaded, data, num_classes)
     task = FinetuneTask(model, cfg, metadata=meta)
