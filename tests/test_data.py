@@ -139,3 +139,23 @@ def test_beit_two_views_of_one_crop():
     # tokenizer view (Lanczos vs bicubic resampling differ only slightly)
     small = torch.nn.functional.interpolate((patch * 0.5 + 0.5)[None], size=16, mode="area")[0]
     assert (small - tok).abs().mean() < 0.05
+
+
+def test_repeated_augmentation_sends_each_image_k_times_with_its_own_views():
+    """DeiT's RASampler semantics: k copies of an image per epoch, on consecutive ranks, each
+    augmented apart; the epoch keeps its length; rank shares stay disjoint."""
+    from mimkit.data import AugmentedView, ResumableSampler, SyntheticImages
+
+    n, k = 12, 3
+    one = ResumableSampler(n, seed=0, repeats=k).indices()
+    assert len(one) == n and [i % n for i in one[:k]] == [one[0] % n] * k
+    assert len({i % n for i in one}) == n // k and len(set(one)) == n  # distinct copies
+    ranks = [ResumableSampler(n, seed=0, repeats=k, rank=r, world_size=3).indices()
+             for r in range(3)]  # fmt: skip
+    assert sorted(i for r in ranks for i in r) == sorted(one)
+    assert {ranks[r][0] % n for r in range(3)} == {one[0] % n}  # one image, three processes
+    view = AugmentedView(SyntheticImages(n, img_size=16), lambda img, g: torch.rand(1, generator=g))
+    a, la = view[one[0]]
+    b, lb = view[one[1]]
+    assert la == lb and not torch.equal(a, b)  # the same image, another augmentation
+    assert ResumableSampler(n, seed=0).indices() == ResumableSampler(n, seed=0, repeats=1).indices()

@@ -714,3 +714,11 @@ def test_partial_finetuning_trains_only_the_last_blocks(tmp_path, pretrained):
     assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
     with pytest.raises(ConfigError, match=r"model.trainable_blocks=3 is not allowed"):
         load_config(FT, [*args, "model.trainable_blocks=3"], schema=FinetuneConfig)
+
+
+def test_finetuning_with_repeated_augmentation(tmp_path, pretrained):
+    args = _ft_args(tmp_path / "ft", pretrained["mae"], **{"train.repeated_aug": 3})
+    res = run_finetune(load_config(FT, args, schema=FinetuneConfig))
+    assert res.train.step == 16  # 64 images, batch 8, 2 epochs: the epoch keeps its length
+    with pytest.raises(ConfigError, match=r"train.repeated_aug=0 is not allowed"):
+        load_config(FT, [*args, "train.repeated_aug=0"], schema=FinetuneConfig)

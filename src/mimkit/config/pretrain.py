@@ -143,6 +143,10 @@ class TrainConfig:
     # it (global = batch_size x accum_steps x processes, which must divide it) and the lr follows
     # it; null: the batch is batch_size x optim.accum_steps x processes
     global_batch_size: int | None = None
+    # DeiT's repeated augmentation (BEiT Table 6, CIFAR-100: 3): each image k times per epoch,
+    # each copy augmented apart and sent to another process; an epoch keeps its length (so it
+    # holds 1/k of the images); 1: off
+    repeated_aug: int = 1
     max_steps: int | None = None  # stop after N optimizer steps; the schedule still follows epochs
     steps: int | None = (
         None  # a budget in optimizer steps instead of epochs (the schedule spans it)
@@ -289,6 +293,8 @@ def validate(cfg: PretrainConfig) -> None:
     validate_data(d, in_chans=m.in_chans, streaming=True)
     if d.name == "shards":
         _validate_shards(cfg)
+        if t.repeated_aug != 1:
+            fail("train.repeated_aug", t.repeated_aug, "1 with data.name=shards (a stream)")
     validate_optim(o, t)
     validate_train(t)
     validate_run(cfg.run)
@@ -458,6 +464,7 @@ def validate_optim(o: OptimConfig, t: TrainConfig) -> None:
 
 
 def validate_train(t: TrainConfig) -> None:
+    positive("train.repeated_aug", t.repeated_aug)
     if t.global_batch_size is not None:
         positive("train.global_batch_size", t.global_batch_size)
     positive("train.epochs", t.epochs)

@@ -237,7 +237,7 @@ class DenseView(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
-        image, target = self.base[i]
+        image, target = self.base[i % len(self.base)]  # i >= len: a repeated augmentation
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
         return self.transform(image, target, g)
 

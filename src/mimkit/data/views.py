@@ -34,7 +34,8 @@ class AugmentedView(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.base[i]
+        # i >= len: a repeat of image i % len (repeated augmentation), augmented by its own seed
+        img, label = self.base[i % len(self.base)]
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
         return self.transform(img, g), label
 
@@ -48,11 +49,20 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(
-        self, size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+        self,
+        size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        repeats: int = 1,
     ) -> None:
         if size < world_size:
             raise ValueError(f"dataset of {size} samples is smaller than world size {world_size}")
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.size, self.seed, self.shuffle, self.repeats = size, seed, shuffle, repeats
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
         self.per_rank = size // world_size
@@ -69,6 +79,10 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
+        if self.repeats > 1:  # DeiT's repeated augmentation: k copies of each image, k views
+            # copy c of image i is index i + c * size (the view reads image i, seeded apart);
+            # consecutive copies go to consecutive ranks; an epoch keeps its length
+            order = [i + c * self.size for i in order for c in range(self.repeats)]
         return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:

@@ -123,8 +123,9 @@ class Trainer:
             self.batches_per_epoch = data.batches_per_epoch(train.batch_size, num_workers)
         else:
             self.sampler = ResumableSampler(
-                len(data), seed=seed, rank=rank(), world_size=world_size()
-            )
+                len(data), seed=seed, rank=rank(), world_size=world_size(),
+                repeats=train.repeated_aug,
+            )  # fmt: skip
             per_rank = self.sampler.per_rank
             self.batches_per_epoch = per_rank // train.batch_size
         self.loader = make_loader(
