@@ -722,3 +722,16 @@ def test_finetuning_with_repeated_augmentation(tmp_path, pretrained):
     assert res.train.step == 16  # 64 images, batch 8, 2 epochs: the epoch keeps its length
     with pytest.raises(ConfigError, match=r"train.repeated_aug=0 is not allowed"):
         load_config(FT, [*args, "train.repeated_aug=0"], schema=FinetuneConfig)
+
+
+def test_finetune_dry_run_counts_the_labeled_images_and_writes_nothing(
+    tmp_path, pretrained, capsys
+):
+    from mimkit.cli import main
+
+    args = _ft_args(tmp_path / "ft", pretrained["mae"], **{"val_fraction": 0.25})
+    assert main(["finetune", "-c", str(FT), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 64 labeled images, 2 of each class held out (class-balanced): 44 train, 5 steps of 8
+    assert "44 images per epoch, 5 steps per epoch; 10 steps in total (2 epochs)" in out
+    assert "FLOP per optimizer step" in out and not (tmp_path / "ft").exists()

@@ -114,6 +114,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from mimkit.config.downstream import FinetuneConfig
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    if args.dry_run:
+        from mimkit.config import to_dict
+        from mimkit.tasks.dryrun import finetune_plan, format_plan
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(format_plan(finetune_plan(cfg)))
+        return 0
     from mimkit.tasks.finetune import run_finetune
 
     r = run_finetune(cfg, resume=_resume(args, cfg))
@@ -395,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, batch and accumulation, steps and "
+                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser(

@@ -20,7 +20,7 @@ from mimkit.config import PretrainConfig
 from mimkit.config.core import world_size
 from mimkit.config.pretrain import IMAGE_SUFFIXES
 
-__all__ = ["Plan", "format_plan", "pretrain_plan"]
+__all__ = ["Plan", "finetune_plan", "format_plan", "pretrain_plan"]
 
 FMNIST_SIZES = {"train": 60_000, "test": 10_000}
 
@@ -103,6 +103,40 @@ def pretrain_plan(cfg: PretrainConfig, *, vocab_size: int = 8192) -> Plan:
     total = t.steps or (spe * t.epochs if spe is not None else None)
     return Plan(m.method, m.arch, params, enc, procs, b, o.accum_steps, b * o.accum_steps * procs,
                 o.lr, images, spe, total, t.epochs, flops, t.precision)  # fmt: skip
+
+
+def finetune_plan(cfg: Any) -> Plan:
+    """The same description for a fine-tuning recipe: the classifier on the meta device (no
+    weights read), the labeled training images after ``label_fraction`` and ``val_fraction``."""
+    from mimkit.engine.perf import count_flops
+    from mimkit.models import build_encoder
+    from mimkit.models.heads import Classifier
+    from mimkit.tasks.downstream import classify_data
+
+    e, t, o = cfg.model, cfg.train, cfg.optim
+    data = classify_data(cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
+                         mean=[0.5] * e.in_chans, std=[0.5] * e.in_chans,
+                         val_fraction=cfg.val_fraction)  # fmt: skip
+    classes = e.num_classes or data.num_classes
+    with torch.device("meta"):
+        enc = build_encoder(e.model_config(), fixed_pos_embed=False, mask_token=False)
+        model = Classifier(enc, num_classes=classes, pool=e.pool)
+    b = t.batch_size
+    imgs = torch.empty(b, e.in_chans, e.img_size, e.img_size, device="meta")
+    target = torch.zeros(b, dtype=torch.long, device="meta")
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(imgs), target).backward()
+
+    procs = world_size()
+    flops = count_flops(step) * o.accum_steps * procs
+    images = len(data.train)
+    spe = images // procs // b // o.accum_steps
+    n_model, n_enc = (sum(p.numel() for p in m.parameters()) for m in (model, enc))
+    return Plan("classifier", f"{e.arch or 'custom'} ({e.method}, {classes} classes)",
+                n_model, n_enc,
+                procs, b, o.accum_steps, b * o.accum_steps * procs, o.lr, images, spe,
+                t.steps or spe * t.epochs, t.epochs, flops, t.precision)  # fmt: skip
 
 
 def _decoder_param(name: str) -> bool:
