@@ -222,3 +222,49 @@ def test_pretrain_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys)
     assert "60,000 images per epoch, 117 steps per epoch; 234 steps in total" in out
     assert "FLOP per optimizer step" in out and "optim:" in out  # the resolved config too
     assert not run.exists()
+
+
+FT_RECIPES = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
+# the pretraining recipe whose encoder each fine-tuning recipe's model.init stands for
+_INIT_ARCH = {"mae_vit_base": "mae_vit_base_in1k", "mae_vit_large": "mae_vit_large_in1k",
+              "mae_vit_huge": "mae_vit_huge_in1k", "beit_base": "beit_vit_base_in1k",
+              "beit_large": "beit_vit_large_in1k", "fmnist": "mae_vit_tiny_fmnist"}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", FT_RECIPES, ids=lambda p: p.name)
+def test_every_finetuning_recipe_builds_at_its_real_size(recipe, tmp_path):
+    """Each fine-tuning recipe loads, and --dry-run's plan builds its classifier at its real size
+    on the meta device: model.init is a weights file with only the provenance of the
+    pretraining recipe it names (no tensors), the data a folder of 2 classes."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mimkit.config import to_dict
+    from mimkit.config.downstream import FinetuneConfig
+    from mimkit.engine.checkpoint import save_weights
+    from mimkit.tasks.dryrun import finetune_plan
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    args = [f"data.root={tmp_path / 'train'}", f"data.eval_root={tmp_path / 'val'}",
+            "data.name=folder", "data.num_workers=0", f"run.dir={tmp_path / 'r'}"]  # fmt: skip
+    raw = yaml.safe_load(recipe.read_text())
+    if raw["model"].get("init"):
+        key = next(k for k in _INIT_ARCH if k in recipe.name)
+        pre_args = [f"data.root={tmp_path / 'train'}", f"tokenizer.checkpoint={recipe}"]
+        pre = load_config(ROOT / "configs" / "pretrain" / f"{_INIT_ARCH[key]}.yaml", pre_args)
+        init = tmp_path / "init.safetensors"
+        meta = {"format": "mimkit", "model_config": to_dict(pre.model)}
+        save_weights(init, {"stub": torch.zeros(1)}, metadata=meta)
+        args.append(f"model.init={init}")
+    cfg = load_config(recipe, args, schema=FinetuneConfig)
+    plan = finetune_plan(cfg)
+    # 8 labeled images; a validation split holds one of each class out
+    assert plan.params > 0 and plan.flops_per_step > 0
+    assert plan.images == (8 if cfg.val_fraction == 0 else 6)
+    if cfg.train.global_batch_size:
+        assert plan.global_batch == cfg.train.global_batch_size
