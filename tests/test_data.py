@@ -159,3 +159,23 @@ def test_repeated_augmentation_sends_each_image_k_times_with_its_own_views():
     b, lb = view[one[1]]
     assert la == lb and not torch.equal(a, b)  # the same image, another augmentation
     assert ResumableSampler(n, seed=0).indices() == ResumableSampler(n, seed=0, repeats=1).indices()
+
+
+def test_eval_transform_crop_pct_is_timms():
+    """crop_pct 0.875 at 224: resize the short side to 256, center-crop 224 (timm's eval
+    transform, the official MAE/BEiT evaluation); 1.0 keeps the whole image."""
+    import timm.data
+    from PIL import Image
+
+    from mimkit.data import EvalTransform
+
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(3, 300, 400, generator=g) * 255).to(torch.uint8)
+    ours = EvalTransform(224, (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)(img)
+    ref_tf = timm.data.create_transform(224, crop_pct=0.875, interpolation="bicubic",
+                                        mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    ref = ref_tf(Image.fromarray(img.permute(1, 2, 0).numpy()))
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert (ours - ref).abs().mean() < 0.02  # PIL's and torchvision's bicubic differ slightly
+    whole = EvalTransform(224, (0.5,) * 3, (0.5,) * 3)(img)
+    assert (whole - ours).abs().mean() > 0.05  # 1.0 sees more of the image

@@ -47,6 +47,9 @@ class ClassifyDataConfig(DataConfig):
     eval_split: str = "test"
     eval_root: str | None = None
     eval_max_samples: int | None = None
+    # evaluation: resize the short side to img_size / eval_crop_pct, center-crop img_size (timm's
+    # crop_pct; 0.875 = 224/256 is the official MAE/BEiT/DeiT ImageNet evaluation); 1: no border cut
+    eval_crop_pct: float = 1.0
     # a seeded, class-balanced subset of the training labels (1.0: all of them)
     label_fraction: float = 1.0
     label_seed: int | None = None  # null: run.seed
@@ -205,6 +208,8 @@ def validate_classify_data(d: ClassifyDataConfig, *, in_chans: int) -> None:
     validate_data(d, in_chans=in_chans)
     if not 0 < d.label_fraction <= 1:
         fail("data.label_fraction", d.label_fraction, "must be in (0, 1]")
+    if not 0 < d.eval_crop_pct <= 1:
+        fail("data.eval_crop_pct", d.eval_crop_pct, "must be in (0, 1]")
     if d.eval_max_samples is not None:
         positive("data.eval_max_samples", d.eval_max_samples)
     if d.name == "fashion_mnist" and d.eval_split not in ("train", "test"):

@@ -94,17 +94,25 @@ class PretrainTransform:
 
 
 class EvalTransform:
-    """Deterministic: resize the short side to ``img_size``, center crop, normalize."""
+    """Deterministic: resize the short side to ``img_size / crop_pct`` (bicubic), center crop
+    ``img_size``, normalize. ``crop_pct`` is timm's: 0.875 (resize to 256, crop 224) is the
+    official MAE / BEiT / DeiT ImageNet evaluation; 1.0 keeps the whole image."""
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.img_size, self.mean, self.std = img_size, list(mean), list(std)
+    def __init__(
+        self, img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
+    ) -> None:
+        self.img_size, self.mean, self.std, self.crop_pct = (
+            img_size,
+            list(mean),
+            list(std),
+            crop_pct,
+        )
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = TF.to_dtype(img, torch.float32, scale=True)
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            x = TF.resize(
-                x, [self.img_size], interpolation=InterpolationMode.BICUBIC, antialias=True
-            )
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size) or self.crop_pct != 1.0:
+            scale = math.floor(self.img_size / self.crop_pct)  # timm's transforms_factory
+            x = TF.resize(x, [scale], interpolation=InterpolationMode.BICUBIC, antialias=True)
             x = TF.center_crop(x, [self.img_size, self.img_size]).clamp(0, 1)
         return TF.normalize(x, self.mean, self.std)
 

@@ -68,7 +68,9 @@ def run_eval(cfg: FinetuneConfig, *, keep_logits: bool = False) -> EvalResult:
     for note in notes:
         print(f"eval: {note}", flush=True)
     model.to(device).eval()
-    view = AugmentedView(data.eval, EvalTransform(e.img_size, data.mean, data.std))
+    view = AugmentedView(
+        data.eval, EvalTransform(e.img_size, data.mean, data.std, cfg.data.eval_crop_pct)
+    )
     loader = torch.utils.data.DataLoader(view, batch_size=cfg.train.batch_size,
                                          num_workers=cfg.data.num_workers)  # fmt: skip
     bf16 = cfg.train.precision in ("bf16", "fp16")

@@ -242,7 +242,9 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
 
     def loader(split) -> DataLoader:
         return DataLoader(
-            AugmentedView(split, EvalTransform(e.img_size, data.mean, data.std)),
+            AugmentedView(
+                split, EvalTransform(e.img_size, data.mean, data.std, cfg.data.eval_crop_pct)
+            ),
             batch_size=max(cfg.train.batch_size, 256),
             shuffle=False,
             num_workers=d.num_workers,

@@ -184,7 +184,7 @@ def run_knn(cfg) -> dict[str, KnnResult]:
         mean=loaded.mean, std=loaded.std, report=run_dir / SKIP_REPORT,
     )  # fmt: skip
     record_resolved(run_dir, {"data.mean": data.mean, "data.std": data.std})
-    tf = EvalTransform(e.img_size, data.mean, data.std)
+    tf = EvalTransform(e.img_size, data.mean, data.std, cfg.data.eval_crop_pct)
     train, test = (AugmentedView(ds, tf) for ds in (data.train, data.eval))
     results = {
         "encoder": knn_evaluate(

@@ -204,7 +204,7 @@ def run_linprobe(cfg: LinprobeConfig) -> LinprobeResult:
     layers = list(range(e.depth)) if p.layers == "all" else [e.depth - 1]
     if p.last_blocks > 1:  # DINO: the last N blocks, concatenated into one feature set
         layers = list(range(e.depth - p.last_blocks, e.depth))
-    tf = EvalTransform(e.img_size, data.mean, data.std)
+    tf = EvalTransform(e.img_size, data.mean, data.std, cfg.data.eval_crop_pct)
     views = [AugmentedView(ds, tf) for ds in (data.train, data.eval)]
     opts = dict(
         layers=layers,
