@@ -412,3 +412,33 @@ def test_segment_and_detect_on_user_folders_from_the_cli(tmp_path, pretrained, c
     assert (tmp_path / "det" / "figures" / "detection.png").is_file()
     assert main(["segment", "-c", str(SEG), "data.name=nope", *common]) == 2
     assert "data.name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["segment", "detect"])
+def test_eval_scores_a_dense_checkpoint_as_its_run_did(tmp_path, fmnist, pretrained, command,
+                                                       capsys):  # fmt: skip
+    """mimkit eval with a segment / detect recipe: the run's last checkpoint scores what the
+    run's own last evaluation said, with the head read from the checkpoint; nothing trained."""
+    from mimkit.cli import main
+
+    recipe, schema = (SEG, SegmentConfig) if command == "segment" else (DET, DetectConfig)
+    head = {"head.kind": "upernet", "head.channels": 16} if command == "segment" else {}
+    run = tmp_path / "run"
+    args = _args(run, fmnist, str(pretrained["mae"]), **head)
+    r = (run_segment if command == "segment" else run_detect)(
+        load_config(recipe, args, schema=schema)
+    )
+    primary = "mIoU" if command == "segment" else "box_map"
+    ev = tmp_path / "ev"
+    eval_args = [a for a in _args(ev, fmnist, str(run / "model_last.safetensors"))
+                 if not a.startswith("train.")]  # fmt: skip
+    assert main(["eval", "-c", str(recipe), *eval_args]) == 0
+    got = json.loads((ev / "eval.json").read_text())["eval"]
+    assert got["kind"] == ("segmenter" if command == "segment" else "detector")
+    want = r.last[primary]
+    assert (got[primary] is None and want is None) or got[primary] == pytest.approx(want, abs=1e-6)
+    assert not (ev / "checkpoints").exists() and f"{primary}" in capsys.readouterr().out
+    # a classifier recipe given a segmenter: said in one line
+    ft = ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"
+    assert main(["eval", "-c", str(ft), f"model.init={run / 'model_last.safetensors'}",
+                 f"run.dir={tmp_path / 'x'}", "data.name=synthetic"]) == 2  # fmt: skip

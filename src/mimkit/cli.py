@@ -170,6 +170,17 @@ def _report_dense(r, primary: str, figure: str) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    kind = _schema("auto", args.config).__name__
+    if kind in ("SegmentConfig", "DetectConfig"):  # a configs/segment or configs/detect recipe
+        cfg = load_config(args.config, args.overrides, schema=_schema("auto", args.config))
+        from mimkit.tasks.evaluate import run_dense_eval
+
+        r = run_dense_eval(cfg)
+        shown = {k: v for k, v in r.metrics.items() if isinstance(v, float)}
+        print(f"eval ({r.split}, {r.metrics['num_images']} images): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))  # fmt: skip
+        print(f"results: {r.run_dir / 'eval.json'}")
+        return 0
     from mimkit.config.downstream import FinetuneConfig
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
@@ -361,11 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="score a classifier checkpoint on a split; trains nothing",
-        description="Score a classifier checkpoint (a mimkit fine-tuning, or an official MAE/"
-        "BEiT, timm or Hugging Face classifier converted with `mimkit convert`) on the "
-        "evaluation split of a fine-tuning recipe (data.eval_split / data.eval_root): top-1, "
-        "top-5 and loss to run.dir/eval.json. The official repos' --eval.",
+        help="score a classifier, segmenter or detector checkpoint on a split; trains nothing",
+        description="Score a checkpoint on the evaluation split of a recipe, training nothing "
+        "(the official repos' --eval): with a fine-tuning recipe, a classifier (a mimkit "
+        "fine-tuning, or an official MAE/BEiT, timm or Hugging Face classifier converted with "
+        "`mimkit convert`): top-1, top-5, loss; with a configs/segment or configs/detect recipe, "
+        "the model_best.safetensors of a segment / detect run: mIoU or box/mask mAP. Results in "
+        "run.dir/eval.json.",
     )
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)

@@ -96,3 +96,89 @@ def run_eval(cfg: FinetuneConfig, *, keep_logits: bool = False) -> EvalResult:
     (run_dir / "eval.json").write_text(json.dumps({"eval": record}, indent=2) + "\n")
     return EvalResult(run_dir, split, metrics, out if keep_logits else None,
                       y if keep_logits else None)  # fmt: skip
+
+
+def run_dense_eval(cfg: Any) -> EvalResult:
+    """Score a segmenter (``SegmentConfig``: mIoU, pixel accuracy) or a detector (``DetectConfig``:
+    box / mask mAP) checkpoint written by ``mimkit segment`` / ``detect`` on the recipe's
+    evaluation split, with the head it was trained with (from the checkpoint's provenance);
+    ``eval.json`` in ``run.dir``, nothing trained."""
+    from mimkit.config.dense import SegmentConfig
+    from mimkit.data.dense_transforms import (
+        DenseView,
+        DetectTransform,
+        SegmentTransform,
+        detection_collate,
+        segmentation_collate,
+    )
+    from mimkit.engine import checkpoint as ckpt
+    from mimkit.models.loading import find_checkpoint
+    from mimkit.tasks.dense import dense_data
+
+    seg = isinstance(cfg, SegmentConfig)
+    kind = "segmenter" if seg else "detector"
+    e, d = cfg.model, cfg.data
+    if e.init is None:
+        raise ConfigError("model.init=None is not allowed: mimkit eval scores a checkpoint")
+    file = find_checkpoint(e.init)
+    meta = ckpt.read_metadata(file)
+    if meta.get("kind") != kind:
+        raise ConfigError(
+            f"model.init={e.init!r} holds a {meta.get('kind', 'checkpoint without provenance')}, "
+            f"not a {kind}: give the model_best.safetensors of a `mimkit "
+            f"{'segment' if seg else 'detect'}` run"
+        )
+    for key, value in (meta.get("head") or {}).items():  # the head it was trained with
+        if hasattr(cfg.head, key):
+            setattr(cfg.head, key, value)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.run.device)
+    data = dense_data(d, channels=e.in_chans, mean=meta.get("mean"), std=meta.get("std"))
+    if data.num_classes != meta.get("num_classes", data.num_classes):
+        raise ConfigError(
+            f"data.name={d.name!r} has {data.num_classes} classes, the {kind} in "
+            f"{file} was trained on {meta['num_classes']}"
+        )
+    init, e.init = e.init, None  # the architecture alone; every weight comes from the file
+    try:
+        if seg:
+            from mimkit.tasks.segment import build_segmenter, evaluate_segmenter
+
+            model, _ = build_segmenter(cfg, num_classes=data.num_classes)
+        else:
+            from mimkit.tasks.detect import build_detector_from_config, evaluate_detector
+
+            model, _ = build_detector_from_config(cfg, num_classes=data.num_classes,
+                                                  mean=data.mean, std=data.std)  # fmt: skip
+    finally:
+        e.init = init
+    state, _ = ckpt.load_weights(file)
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    if seg:
+        common = {"size": e.img_size, "mean": data.mean, "std": data.std,
+                  "ignore_index": d.ignore_index}  # fmt: skip
+        tf = SegmentTransform(**common, train=False, eval_short_side=d.eval_short_side)
+        view = DenseView(data.eval, tf)
+        batch = cfg.eval.batch_size if d.name == "fashion_mosaic" else 1
+        loader = torch.utils.data.DataLoader(view, batch_size=batch, shuffle=False,
+                                             num_workers=d.num_workers,
+                                             collate_fn=segmentation_collate)  # fmt: skip
+        metrics = evaluate_segmenter(
+            model, loader, num_classes=data.num_classes, ignore_index=d.ignore_index,
+            size=e.img_size, mode=cfg.eval.mode, stride=cfg.eval.stride, device=device,
+            classes=data.classes,
+        )  # fmt: skip
+    else:
+        view = DenseView(data.eval, DetectTransform(size=e.img_size, train=False))
+        loader = torch.utils.data.DataLoader(view, batch_size=cfg.eval.batch_size, shuffle=False,
+                                             num_workers=d.num_workers,
+                                             collate_fn=detection_collate)  # fmt: skip
+        metrics = evaluate_detector(model, loader, device=device, masks=bool(cfg.head.masks),
+                                    classes=data.classes)  # fmt: skip
+    metrics["num_images"] = len(view)
+    record = {"split": d.name, **metrics, "weights": str(init), "kind": kind}
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "eval.json").write_text(json.dumps({"eval": record}, indent=2) + "\n")
+    return EvalResult(run_dir, d.name, metrics, None, None)
