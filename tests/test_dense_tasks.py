@@ -442,3 +442,17 @@ def test_eval_scores_a_dense_checkpoint_as_its_run_did(tmp_path, fmnist, pretrai
     ft = ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"
     assert main(["eval", "-c", str(ft), f"model.init={run / 'model_last.safetensors'}",
                  f"run.dir={tmp_path / 'x'}", "data.name=synthetic"]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["segment", "detect"])
+def test_dense_dry_run_describes_the_run_and_writes_nothing(tmp_path, fmnist, pretrained,
+                                                            command, capsys):  # fmt: skip
+    from mimkit.cli import main
+
+    recipe = SEG if command == "segment" else DET
+    args = _args(tmp_path / "run", fmnist, str(pretrained["mae"]))
+    assert main([command, "-c", str(recipe), *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "16 images per epoch, 4 steps per epoch; 8 steps in total (2 epochs)" in out
+    assert ("FLOP per optimizer step" in out) == (command == "segment")
+    assert not (tmp_path / "run").exists()

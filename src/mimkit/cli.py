@@ -197,10 +197,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_dry_run(cfg) -> None:
+    from mimkit.config import to_dict
+    from mimkit.tasks.dryrun import dense_plan, format_plan
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(format_plan(dense_plan(cfg)))
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from mimkit.config.dense import SegmentConfig
 
     cfg = load_config(args.config, args.overrides, schema=SegmentConfig)
+    if args.dry_run:
+        _dense_dry_run(cfg)
+        return 0
     from mimkit.tasks.segment import run_segment
 
     _report_dense(run_segment(cfg, resume=_resume(args, cfg)), "mIoU", "segmentation.png")
@@ -211,6 +222,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from mimkit.config.dense import DetectConfig
 
     cfg = load_config(args.config, args.overrides, schema=DetectConfig)
+    if args.dry_run:
+        _dense_dry_run(cfg)
+        return 0
     from mimkit.tasks.detect import run_detect
 
     _report_dense(run_detect(cfg, resume=_resume(args, cfg)), "box_map", "detection.png")
@@ -451,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, batch and accumulation, steps and "
+                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser(
@@ -464,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, batch and accumulation, steps and "
+                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(

@@ -20,7 +20,7 @@ from mimkit.config import PretrainConfig
 from mimkit.config.core import world_size
 from mimkit.config.pretrain import IMAGE_SUFFIXES
 
-__all__ = ["Plan", "finetune_plan", "format_plan", "pretrain_plan"]
+__all__ = ["Plan", "dense_plan", "finetune_plan", "format_plan", "pretrain_plan"]
 
 FMNIST_SIZES = {"train": 60_000, "test": 10_000}
 
@@ -139,6 +139,57 @@ def finetune_plan(cfg: Any) -> Plan:
                 t.steps or spe * t.epochs, t.epochs, flops, t.precision)  # fmt: skip
 
 
+def dense_plan(cfg: Any) -> Plan:
+    """The same for a segmentation or detection recipe: the model (encoder + head) on the meta
+    device; FLOPs are counted for segmenters (a detector's proposal sampling and RoI ops need real
+    tensors: its FLOPs are left at 0, said as not counted)."""
+    from mimkit.config.dense import SegmentConfig
+    from mimkit.engine.perf import count_flops
+    from mimkit.tasks.dense import dense_data
+
+    seg = isinstance(cfg, SegmentConfig)
+    e, t, o = cfg.model, cfg.train, cfg.optim
+    data = dense_data(cfg.data, channels=e.in_chans, mean=[0.5] * e.in_chans,
+                      std=[0.5] * e.in_chans)  # fmt: skip
+    init, e.init = e.init, None  # the architecture only: no weights are read
+    try:
+        with torch.device("meta"):
+            if seg:
+                from mimkit.tasks.segment import build_segmenter
+
+                model, loaded = build_segmenter(cfg, num_classes=data.num_classes)
+            else:
+                from mimkit.tasks.detect import build_detector_from_config
+
+                model, loaded = build_detector_from_config(
+                    cfg, num_classes=data.num_classes, mean=data.mean, std=data.std
+                )
+    finally:
+        e.init = init
+    b, procs = t.batch_size, world_size()
+    flops = 0
+    if seg:
+        imgs = torch.empty(b, e.in_chans, e.img_size, e.img_size, device="meta")
+        labels = torch.zeros(b, e.img_size, e.img_size, dtype=torch.long, device="meta")
+
+        def step() -> None:
+            out = model(imgs)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.nn.functional.cross_entropy(out, labels).backward()
+
+        flops = count_flops(step) * o.accum_steps * procs
+    images = len(data.train)
+    spe = images // procs // b // o.accum_steps
+    n_model = sum(p.numel() for p in model.parameters())
+    n_enc = sum(p.numel() for p in loaded.encoder.parameters())
+    name = (
+        f"{cfg.head.kind} on {e.arch or 'custom'}" if seg else f"detector on {e.arch or 'custom'}"
+    )
+    return Plan("segmenter" if seg else "detector", name, n_model, n_enc, procs, b,
+                o.accum_steps, b * o.accum_steps * procs, o.lr, images, spe,
+                t.steps or spe * t.epochs, t.epochs, flops, t.precision)  # fmt: skip
+
+
 def _decoder_param(name: str) -> bool:
     return name.startswith(("decoder", "mask_token", "lm_head"))
 
@@ -160,8 +211,12 @@ def format_plan(p: Plan) -> str:
         f"  global batch {p.global_batch:,} = batch_size {p.batch_size}{on} x accum_steps "
         f"{p.accum_steps}; lr {p.lr:.3g}",
         f"  {epoch}; {total} steps in total ({p.epochs} epochs)",
-        f"  {big(p.flops_per_step)}FLOP per optimizer step (forward + backward, all processes)"
-        + (f", {big(p.flops_per_step * p.total_steps)}FLOP in total" if p.total_steps else ""),
+        (
+            f"  {big(p.flops_per_step)}FLOP per optimizer step (forward + backward, all processes)"
+            + (f", {big(p.flops_per_step * p.total_steps)}FLOP in total" if p.total_steps else "")
+        )
+        if p.flops_per_step
+        else "  FLOPs not counted (a detector's sampling and RoI ops need real tensors)",
         "  nothing was trained or written (drop --dry-run to start)",
     ]
     return "\n".join(lines)
