@@ -456,3 +456,40 @@ def test_dense_dry_run_describes_the_run_and_writes_nothing(tmp_path, fmnist, pr
     assert "16 images per epoch, 4 steps per epoch; 8 steps in total (2 epochs)" in out
     assert ("FLOP per optimizer step" in out) == (command == "segment")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((ROOT / "configs" / "segment").glob("ade20k_*.yaml"))
+    + sorted((ROOT / "configs" / "detect").glob("coco_*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_the_paper_dense_recipes_build_at_their_real_size(tmp_path, recipe):
+    """ADE20K / COCO recipes on stand-in files of their layouts: the ViT-B model and its head
+    at 512 / 1024 px on the meta device (--dry-run's plan); model.init is a weights file with
+    the provenance of the pretraining recipe it names, no tensors."""
+    from mimkit.config import to_dict
+    from mimkit.engine.checkpoint import save_weights
+    from mimkit.tasks.dryrun import dense_plan
+
+    seg = recipe.parent.name == "segment"
+    pre_name = "beit_vit_base_in1k" if "beit" in recipe.name else "mae_vit_base_in1k"
+    (tmp_path / "img.png").touch()
+    pre = load_config(ROOT / "configs" / "pretrain" / f"{pre_name}.yaml",
+                      [f"data.root={tmp_path}", f"tokenizer.checkpoint={recipe}"])  # fmt: skip
+    init = tmp_path / "init.safetensors"
+    save_weights(init, {"stub": torch.zeros(1)},
+                 metadata={"format": "mimkit", "model_config": to_dict(pre.model)})  # fmt: skip
+    if seg:
+        _ade20k(tmp_path / "ade")
+        data = [f"data.root={tmp_path / 'ade'}"]
+    else:
+        _coco(tmp_path / "coco")
+        c = tmp_path / "coco"
+        data = [f"data.root={c / 'train'}", f"data.ann_file={c / 'train.json'}",
+                f"data.eval_root={c / 'val'}", f"data.eval_ann_file={c / 'val.json'}"]  # fmt: skip
+    args = [*data, f"model.init={init}", f"run.dir={tmp_path / 'r'}", "data.num_workers=0"]
+    cfg = load_config(recipe, args, schema=SegmentConfig if seg else DetectConfig)
+    plan = dense_plan(cfg)
+    assert plan.encoder_params > 85e6 and plan.params > plan.encoder_params  # ViT-B + its head
+    assert plan.images == 4 and (plan.flops_per_step > 0) == seg
