@@ -268,3 +268,19 @@ def test_every_finetuning_recipe_builds_at_its_real_size(recipe, tmp_path):
     assert plan.images == (8 if cfg.val_fraction == 0 else 6)
     if cfg.train.global_batch_size:
         assert plan.global_batch == cfg.train.global_batch_size
+
+
+@pytest.mark.slow
+def test_the_mae_base_recipe_takes_a_real_optimizer_step(tmp_path):
+    """The ImageNet MAE ViT-B/16 recipe at its real size (224 px, decoder 8 x 512), one
+    optimizer step on synthetic images on the CPU: the model, masking, loss, AdamW and the
+    checkpoint all work at that size."""
+    import math
+
+    from mimkit.tasks.pretrain import run_pretrain
+
+    args = [f"run.dir={tmp_path / 'r'}", "data.name=synthetic", "data.synthetic_size=4",
+            "data.num_workers=0", "train.global_batch_size=null", "train.batch_size=2",
+            "train.max_steps=1", "eval.knn.enabled=false", "train.precision=fp32"]  # fmt: skip
+    res = run_pretrain(load_config(ROOT / "configs" / "pretrain" / "mae_vit_base_in1k.yaml", args))
+    assert res.train.step == 1 and math.isfinite(res.train.loss)
