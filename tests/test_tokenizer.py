@@ -236,3 +236,17 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="kl_weight"):
         dvae_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 1, 1),
                   kl_weight=-1.0)  # fmt: skip
+
+
+def test_tokenizer_dry_run_describes_the_run_and_writes_nothing(tmp_path, capsys):
+    from mimkit.cli import main
+    from tests.conftest import ROOT
+
+    recipe = ROOT / "configs" / "tokenizer" / "dvae_fmnist.yaml"
+    args = ["tokenizer", "train", "-c", str(recipe), f"run.dir={tmp_path / 'r'}",
+            "data.name=synthetic", "data.synthetic_size=512", "tokenizer.in_chans=3",
+            "--dry-run"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dry run: TOKENIZER dVAE" in out and "512 images per epoch, 4 steps per epoch" in out
+    assert not (tmp_path / "r").exists()

@@ -91,6 +91,13 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from mimkit.config import TokenizerConfig
 
     cfg = load_config(args.config, args.overrides, schema=TokenizerConfig)
+    if args.dry_run:
+        from mimkit.config import to_dict
+        from mimkit.tasks.dryrun import format_plan, tokenizer_plan
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(format_plan(tokenizer_plan(cfg)))
+        return 0
     from mimkit.tasks.tokenizer import run_tokenizer
 
     result = run_tokenizer(cfg, resume=_resume(args, cfg))
@@ -552,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, batch and accumulation, steps and "
+                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
     p.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser(

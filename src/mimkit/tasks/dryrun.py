@@ -20,7 +20,7 @@ from mimkit.config import PretrainConfig
 from mimkit.config.core import world_size
 from mimkit.config.pretrain import IMAGE_SUFFIXES
 
-__all__ = ["Plan", "dense_plan", "finetune_plan", "format_plan", "pretrain_plan"]
+__all__ = ["Plan", "dense_plan", "finetune_plan", "format_plan", "pretrain_plan", "tokenizer_plan"]
 
 FMNIST_SIZES = {"train": 60_000, "test": 10_000}
 
@@ -190,6 +190,33 @@ def dense_plan(cfg: Any) -> Plan:
                 t.steps or spe * t.epochs, t.epochs, flops, t.precision)  # fmt: skip
 
 
+def tokenizer_plan(cfg: Any) -> Plan:
+    """The same for ``mimkit tokenizer train``: the dVAE on the meta device."""
+    from mimkit.engine.perf import count_flops
+    from mimkit.models.tokenizer import dvae_loss
+    from mimkit.tasks.tokenizer import build_dvae
+
+    tk, t, o = cfg.tokenizer, cfg.train, cfg.optim
+    with torch.device("meta"):
+        model = build_dvae(cfg)
+    b = t.batch_size
+    imgs = torch.empty(b, tk.in_chans, tk.img_size, tk.img_size, device="meta")
+
+    def step() -> None:
+        out = model(imgs, temperature=1.0, hard=cfg.loss.straight_through)
+        dvae_loss(out.recon, imgs, out.logits, kl_weight=cfg.loss.kl_weight).total.backward()
+
+    procs = world_size()
+    flops = count_flops(step) * o.accum_steps * procs
+    images = _dataset_size(cfg)
+    spe = images // procs // b // o.accum_steps if images is not None else None
+    n = sum(p.numel() for p in model.parameters())
+    return Plan("tokenizer", f"dVAE, {tk.vocab_size} codes", n, n, procs, b, o.accum_steps,
+                b * o.accum_steps * procs, o.lr, images, spe,
+                t.steps or (spe * t.epochs if spe is not None else None), t.epochs, flops,
+                t.precision)  # fmt: skip
+
+
 def _decoder_param(name: str) -> bool:
     return name.startswith(("decoder", "mask_token", "lm_head"))
 
@@ -206,8 +233,9 @@ def format_plan(p: Plan) -> str:
              if p.images is not None else "a stream: steps per epoch unknown")  # fmt: skip
     total = f"{p.total_steps:,}" if p.total_steps is not None else "unknown"
     lines = [
-        f"dry run: {p.method.upper()} {p.arch}, {big(p.params)} parameters "
-        f"(encoder {big(p.encoder_params)}), {p.precision}",
+        f"dry run: {p.method.upper()} {p.arch}, {big(p.params)} parameters"
+        + (f" (encoder {big(p.encoder_params)})" if p.encoder_params != p.params else "")
+        + f", {p.precision}",
         f"  global batch {p.global_batch:,} = batch_size {p.batch_size}{on} x accum_steps "
         f"{p.accum_steps}; lr {p.lr:.3g}",
         f"  {epoch}; {total} steps in total ({p.epochs} epochs)",
