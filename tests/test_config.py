@@ -284,3 +284,33 @@ def test_the_mae_base_recipe_takes_a_real_optimizer_step(tmp_path):
             "train.max_steps=1", "eval.knn.enabled=false", "train.precision=fp32"]  # fmt: skip
     res = run_pretrain(load_config(ROOT / "configs" / "pretrain" / "mae_vit_base_in1k.yaml", args))
     assert res.train.step == 1 and math.isfinite(res.train.loss)
+
+
+def test_the_imagenet_linear_probe_recipe_loads_and_builds_at_its_real_size(tmp_path):
+    """MAE's linear probe of ViT-B on ImageNet (A.3): LARS, base lr 0.1 x 16384 / 256, 90
+    epochs, the cls token; its encoder built on the meta device has timm's ViT-B size."""
+    import timm
+    import torch
+
+    from mimkit.config import to_dict
+    from mimkit.config.downstream import LinprobeConfig
+    from mimkit.engine.checkpoint import save_weights
+    from mimkit.models import build_encoder
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / split / "a" / "0.png").touch()
+    (tmp_path / "img.png").touch()
+    pre = load_config(ROOT / "configs/pretrain/mae_vit_base_in1k.yaml", [f"data.root={tmp_path}"])
+    init = tmp_path / "init.safetensors"
+    save_weights(init, {"stub": torch.zeros(1)},
+                 metadata={"format": "mimkit", "model_config": to_dict(pre.model)})  # fmt: skip
+    cfg = load_config(ROOT / "configs/linprobe/mae_vit_base_in1k.yaml",
+                      [f"data.root={tmp_path / 'train'}", f"data.eval_root={tmp_path / 'val'}",
+                       f"model.init={init}"], schema=LinprobeConfig)  # fmt: skip
+    p = cfg.probe
+    assert (p.optimizer, p.epochs, p.batch_size, p.pool) == ("lars", 90, 16384, "cls")
+    with torch.device("meta"):
+        enc = build_encoder(cfg.model.model_config(), fixed_pos_embed=False, mask_token=False)
+        ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    assert sum(x.numel() for x in enc.parameters()) == sum(x.numel() for x in ref.parameters())
