@@ -54,12 +54,28 @@ MIMKIT=("$PY" -m mimkit.cli)
 step() {  # step NAME COMMAND...: run, time, record the exit status; never stop the script
   local name=$1; shift
   local t0=$SECONDS
-  echo "== $name: $*"
+  echo "== $name: $*" >&2
   "$@"
   local rc=$?
   echo "$name rc=$rc $((SECONDS - t0)) s" >> "$STATUS"
   return 0
 }
+
+# what the steps import: a missing one is said here, not discovered mid-run
+step preflight "$PY" -c '
+import importlib, sys
+need = ["torch", "timm", "safetensors", "omegaconf", "webdataset", "braceexpand", "pycocotools",
+        "tensorboard", "torchmetrics", "transformers", "pytest", "matplotlib", "yaml", "tqdm"]
+missing = []
+for name in need:
+    try:
+        importlib.import_module(name)
+    except Exception as err:
+        missing.append(f"{name} ({type(err).__name__}: {err})")
+print("missing:", "; ".join(missing) if missing else "none")
+sys.exit(1 if missing else 0)
+' > "$RES/preflight.txt" 2>&1
+cat "$RES/preflight.txt"
 
 step env "$PY" - > "$RES/env.txt" 2>&1 <<'EOF'
 import platform, torch, mimkit
@@ -93,7 +109,7 @@ for item in "${BENCHES[@]}"; do
   read -r recipe batch <<< "$item"
   step "bench_$recipe" "${MIMKIT[@]}" bench -c "configs/pretrain/$recipe.yaml" --compare \
     --precision bf16 --batch-size "$batch" "${BENCH_ARGS[@]}" --json "$RES/bench_$recipe.json" \
-    data.name=synthetic "${SIZE[@]}" > "$RES/bench_$recipe.md" 2>&1
+    data.name=synthetic ${SIZE[@]+"${SIZE[@]}"} > "$RES/bench_$recipe.md" 2>&1
   tail -12 "$RES/bench_$recipe.md"
 done
 

@@ -286,6 +286,8 @@ def test_finetune_resume_is_exact(tmp_path, pretrained):
 
     # no row repeated by the resume; the stop at max_steps logged its own step-5 rows
     assert len(set(rows(split))) == len(rows(split)) and set(rows(straight)) <= set(rows(split))
+    history = json.loads((split / "eval.json").read_text())["history"]
+    assert [h["step"] for h in history] == [s for k, s in rows(split) if k == "eval"]
 
 
 def test_ema_weights_are_tracked_and_evaluated(tmp_path, pretrained):
@@ -689,6 +691,10 @@ def test_eval_scores_an_official_finetuned_checkpoint_as_timm_does(tmp_path, cap
     record = json.loads((tmp_path / "ev" / "eval.json").read_text())["eval"]
     assert record["top1"] == pytest.approx(top1) and record["pool"] == "avg"
     assert not (tmp_path / "ev" / "checkpoints").exists()
+    # a training run's directory is refused: its eval.json and config.yaml stay as they are
+    (tmp_path / "ev" / "metrics.jsonl").touch()
+    assert main(["eval", "-c", str(FT), *args]) == 2
+    assert "holds a training run" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_checkpoint_without_a_head(tmp_path, pretrained, capsys):

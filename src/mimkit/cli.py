@@ -39,17 +39,18 @@ def _print_skipped(run_dir: Path) -> None:
     report = Path(run_dir) / "skipped_images.jsonl"
     if not report.is_file():
         return
+    import json
+
     paths = set()
     for line in report.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            paths.add(yaml.safe_load(line)["path"])
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a crash
+            paths.add(json.loads(line)["path"])
     if paths:
         print(f"  skipped images: {len(paths)} could not be decoded, each replaced by the next "
               f"(listed in {report})")  # fmt: skip
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from mimkit.config import to_dict

@@ -144,8 +144,9 @@ def _cuda_available() -> bool:
     """``torch.cuda.is_available()``, without importing PyTorch where no GPU driver is loaded (no
     NVIDIA or ROCm device node): config checks on a CPU machine stay light."""
     if "torch" not in sys.modules and not any(
-        Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd")
-    ):
+        Path(p).exists()
+        for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+    ):  # NVIDIA, ROCm, WSL2
         return False
     import torch
 

@@ -17,7 +17,7 @@ __all__ = ["MetricsLogger"]
 def _step_of(line: str) -> float:
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:  # a line cut by a crash: dropped with the rows after it
+    except json.JSONDecodeError:  # a line cut by a crash: dropped
         return math.inf
     step = row.get("step") if isinstance(row, dict) else None
     return step if isinstance(step, int | float) else -math.inf

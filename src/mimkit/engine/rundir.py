@@ -134,12 +134,12 @@ def _check_resume_config(cfg: Any, run_dir: Path) -> None:
             continue
         if saved.get(key) != now.get(key):
             hint = ""
-            if key.endswith(".lr"):  # the absolute lr scales with the effective batch
+            if key.endswith((".lr", ".accum_steps")):  # they follow the number of processes
                 hint = "; it follows the effective batch: resume with the same number of processes"
             raise ConfigError(
                 f"--resume: {key}={now.get(key)!r} differs from the run's saved value "
-                f"{saved.get(key)!r} in {saved_path} (only train.max_steps, train.compile* and "
-                f"eval.* may change{hint})"
+                f"{saved.get(key)!r} in {saved_path} (only train.max_steps, train.compile*, "
+                f"train.global_batch_size and eval.* may change{hint})"
             )
 
 

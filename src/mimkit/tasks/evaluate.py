@@ -38,6 +38,20 @@ class EvalResult:
     labels: torch.Tensor | None
 
 
+def _eval_dir(cfg: Any) -> Path:
+    """``run.dir`` for the evaluation's own files; never a training run's (its eval.json and
+    config.yaml would be overwritten, and its --resume refused)."""
+    run_dir = Path(cfg.run.dir)
+    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} holds a training run (checkpoints/, metrics.jsonl): "
+            "mimkit eval writes its own eval.json and config.yaml, give it a run.dir of its own "
+            "(e.g. run.dir=runs/eval)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def run_eval(cfg: FinetuneConfig, *, keep_logits: bool = False) -> EvalResult:
     """Score ``cfg.model.init`` on the evaluation split of ``cfg.data`` (see the module)."""
     e = cfg.model
@@ -58,8 +72,7 @@ def run_eval(cfg: FinetuneConfig, *, keep_logits: bool = False) -> EvalResult:
             f"{num_classes} classes"
         )
     e.pool = "avg" if "fc_norm.weight" in head else "cls"  # as the checkpoint was trained
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _eval_dir(cfg)
     device = pick_device(cfg.run.device)
     mean, std = pretraining_normalization(e.init)
     data = classify_data(cfg.data, img_size=e.img_size, channels=e.in_chans, seed=cfg.run.seed,
@@ -131,8 +144,7 @@ def run_dense_eval(cfg: Any) -> EvalResult:
     for key, value in (meta.get("head") or {}).items():  # the head it was trained with
         if hasattr(cfg.head, key):
             setattr(cfg.head, key, value)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _eval_dir(cfg)
     device = pick_device(cfg.run.device)
     data = dense_data(d, channels=e.in_chans, mean=meta.get("mean"), std=meta.get("std"))
     if data.num_classes != meta.get("num_classes", data.num_classes):

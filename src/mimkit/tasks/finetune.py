@@ -158,6 +158,21 @@ def build_classifier(cfg: FinetuneConfig, *, num_classes: int) -> tuple[Classifi
     return model, loaded, notes
 
 
+def _best_of(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """model_best's record from an evaluation history, chosen as the run chooses it (the first
+    strictly higher top-1, the EMA's when it scored higher)."""
+    best = None
+    for h in history:
+        cands = [("model", h["top1"], h["top5"])]
+        if "ema_top1" in h:
+            cands.append(("ema", h["ema_top1"], h.get("ema_top5")))
+        which, top1, top5 = max(cands, key=lambda c: c[1])
+        if best is None or top1 > best["top1"]:
+            best = {"epoch": h["epoch"], "step": h["step"], "top1": top1, "which": which,
+                    "top5": top5}  # fmt: skip
+    return best
+
+
 def freeze_all_but_last_blocks(model: Classifier, k: int) -> int:
     """MAE's partial fine-tuning: every encoder parameter frozen except those of its last ``k``
     blocks and its final norm; the classifier's ``fc_norm`` and head train. Returns the number
@@ -341,6 +356,10 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         task.step_callback = step_eval
     if resume:
         trainer.resume()
+        # evaluations logged after the checkpoint are redone (the replay is exact): keep the
+        # history up to it, and the best among those, as metrics.jsonl does
+        state["history"] = [h for h in state["history"] if h["step"] <= trainer.step]
+        state["best"] = _best_of(state["history"])
     result = trainer.fit()
     test: dict[str, Any] = {}
     if is_main():

@@ -127,7 +127,8 @@ class TokenCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         (img, _, mask), label = self.view[i]
-        return (img, self.ids[i], mask), label
+        # i >= len: a repeated augmentation of image i % len (its tokens are the image's own)
+        return (img, self.ids[i % len(self.ids)], mask), label
 
 
 class MAEPretrainTask:
