@@ -175,8 +175,9 @@ def test_the_gpu_check_script_runs_in_its_cpu_smoke_mode(tmp_path):
                           env=env, cwd=ROOT, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     status = (tmp_path / "status.txt").read_text()
-    for name in ("preflight", "env", "gpu_tests", "bench_mae_vit_base_in1k", "bench_beit_vit_base_in1k",
-                 "fmnist_run", "bench_fmnist"):  # fmt: skip
+    steps = ("preflight", "env", "gpu_tests", "bench_mae_vit_base_in1k",
+             "bench_beit_vit_base_in1k", "fmnist_run", "bench_fmnist")  # fmt: skip
+    for name in steps:
         assert f"{name} rc=0" in status, status
     summary = (tmp_path / "summary.md").read_text()
     assert "HF ViTMAEForPreTraining" in summary and "data pipeline alone" in summary
