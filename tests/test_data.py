@@ -159,6 +159,7 @@ def test_repeated_augmentation_sends_each_image_k_times_with_its_own_views():
     b, lb = view[one[1]]
     assert la == lb and not torch.equal(a, b)  # the same image, another augmentation
     assert ResumableSampler(n, seed=0).indices() == ResumableSampler(n, seed=0, repeats=1).indices()
+    assert len(list(view)) == n  # iterating a view ends at its length (indexing does not)
 
 
 def test_eval_transform_crop_pct_is_timms():

@@ -13,7 +13,7 @@ of workers sees the same samples. :func:`segmentation_collate` stacks a batch;
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -235,6 +235,10 @@ class DenseView(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        # explicit: indexing past the end is a repeated augmentation, never an IndexError
+        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Any]]:
         image, target = self.base[i % len(self.base)]  # i >= len: a repeated augmentation

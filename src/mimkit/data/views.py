@@ -33,6 +33,10 @@ class AugmentedView(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        # explicit: indexing past the end is a repeated augmentation, never an IndexError
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # i >= len: a repeat of image i % len (repeated augmentation), augmented by its own seed
         img, label = self.base[i % len(self.base)]

@@ -125,6 +125,9 @@ class TokenCache(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.view)
 
+    def __iter__(self):  # indexing past the end is a repeated augmentation: iterate explicitly
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i: int):
         (img, _, mask), label = self.view[i]
         # i >= len: a repeated augmentation of image i % len (its tokens are the image's own)
