@@ -34,6 +34,22 @@ def _resume(args: argparse.Namespace, cfg) -> bool:
     return bool(args.resume) or restarted_with_checkpoint(cfg)
 
 
+def _dry_run(cfg, plan: str) -> int:
+    """``--dry-run``: the resolved config and :mod:`mimkit.tasks.dryrun`'s plan; nothing runs."""
+    from mimkit.config import to_dict
+    from mimkit.tasks import dryrun
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(dryrun.format_plan(getattr(dryrun, plan)(cfg)))
+    return 0
+
+
+def _add_dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, parameters, batch and accumulation, steps and "
+                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
+
+
 def _print_skipped(run_dir: Path) -> None:
     """The closing summary's line on images that could not be decoded (``data.bad_images``)."""
     report = Path(run_dir) / "skipped_images.jsonl"
@@ -53,12 +69,7 @@ def _print_skipped(run_dir: Path) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from mimkit.config import to_dict
-        from mimkit.tasks.dryrun import format_plan, pretrain_plan
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print(format_plan(pretrain_plan(cfg)))
-        return 0
+        return _dry_run(cfg, "pretrain_plan")
     from mimkit.tasks.pretrain import run_pretrain  # PyTorch: only once the config is valid
 
     result = run_pretrain(cfg, resume=_resume(args, cfg))
@@ -93,12 +104,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, schema=TokenizerConfig)
     if args.dry_run:
-        from mimkit.config import to_dict
-        from mimkit.tasks.dryrun import format_plan, tokenizer_plan
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print(format_plan(tokenizer_plan(cfg)))
-        return 0
+        return _dry_run(cfg, "tokenizer_plan")
     from mimkit.tasks.tokenizer import run_tokenizer
 
     result = run_tokenizer(cfg, resume=_resume(args, cfg))
@@ -123,12 +129,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
     if args.dry_run:
-        from mimkit.config import to_dict
-        from mimkit.tasks.dryrun import finetune_plan, format_plan
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print(format_plan(finetune_plan(cfg)))
-        return 0
+        return _dry_run(cfg, "finetune_plan")
     from mimkit.tasks.finetune import run_finetune
 
     r = run_finetune(cfg, resume=_resume(args, cfg))
@@ -205,21 +206,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dense_dry_run(cfg) -> None:
-    from mimkit.config import to_dict
-    from mimkit.tasks.dryrun import dense_plan, format_plan
-
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    print(format_plan(dense_plan(cfg)))
-
-
 def _cmd_segment(args: argparse.Namespace) -> int:
     from mimkit.config.dense import SegmentConfig
 
     cfg = load_config(args.config, args.overrides, schema=SegmentConfig)
     if args.dry_run:
-        _dense_dry_run(cfg)
-        return 0
+        return _dry_run(cfg, "dense_plan")
     from mimkit.tasks.segment import run_segment
 
     _report_dense(run_segment(cfg, resume=_resume(args, cfg)), "mIoU", "segmentation.png")
@@ -231,8 +223,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, schema=DetectConfig)
     if args.dry_run:
-        _dense_dry_run(cfg)
-        return 0
+        return _dry_run(cfg, "dense_plan")
     from mimkit.tasks.detect import run_detect
 
     _report_dense(run_detect(cfg, resume=_resume(args, cfg)), "box_map", "detection.png")
@@ -418,12 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in run.dir from its latest complete checkpoint",
     )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the resolved config, parameters, global batch and accumulation, steps per "
-        "epoch and in total, FLOPs per step (the model built on the meta device), and stop",
-    )
+    _add_dry_run(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser(
@@ -437,9 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameters, batch and accumulation, steps and "
-                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
+    _add_dry_run(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser(
@@ -473,9 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameters, batch and accumulation, steps and "
-                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
+    _add_dry_run(p)
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser(
@@ -489,9 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameters, batch and accumulation, steps and "
-                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
+    _add_dry_run(p)
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser(
@@ -560,9 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run.dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parameters, batch and accumulation, steps and "
-                   "FLOPs per step (the model on the meta device), and stop")  # fmt: skip
+    _add_dry_run(p)
     p.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser(

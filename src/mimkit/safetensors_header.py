@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_header_metadata"]
+__all__ = ["provenance_model_config", "read_header_metadata"]
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -41,3 +41,14 @@ def read_header_metadata(path: str | Path) -> dict[str, Any]:
         except (TypeError, json.JSONDecodeError):
             out[k] = v
     return out
+
+
+def provenance_model_config(meta: dict[str, Any], file: str | Path) -> dict[str, Any]:
+    """The architecture (``model_config``) of a mimkit weights file's metadata; ``ValueError``
+    naming the file when it has no mimkit provenance."""
+    if meta.get("format") != "mimkit" or "model_config" not in meta:
+        raise ValueError(
+            f"{file} has no mimkit provenance metadata (model_config): give a checkpoint written "
+            "by mimkit"
+        )
+    return dict(meta["model_config"])

@@ -125,15 +125,9 @@ def _saved_model_config(init: str) -> dict:
         from mimkit.models.loading import checkpoint_model_config  # the full search, its errors
 
         return checkpoint_model_config(init)
-    from mimkit.safetensors_header import read_header_metadata
+    from mimkit.safetensors_header import provenance_model_config, read_header_metadata
 
-    meta = read_header_metadata(file)
-    if meta.get("format") != "mimkit" or "model_config" not in meta:
-        raise ValueError(
-            f"{file} has no mimkit provenance metadata (model_config): give a checkpoint written "
-            "by mimkit"
-        )
-    return dict(meta["model_config"])
+    return provenance_model_config(read_header_metadata(file), file)
 
 
 def resolve_encoder(e: EncoderConfig) -> None:

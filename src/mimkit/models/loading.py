@@ -28,6 +28,7 @@ from mimkit.engine.checkpoint import (
     read_metadata,
     verify_checkpoint,
 )
+from mimkit.safetensors_header import provenance_model_config
 
 __all__ = ["EncoderWeights", "checkpoint_model_config", "find_checkpoint", "load_encoder_weights"]
 
@@ -64,13 +65,7 @@ def find_checkpoint(path: str | Path) -> Path:
 def checkpoint_model_config(path: str | Path) -> dict[str, Any]:
     """The architecture (the pretraining ``model`` section) recorded in a checkpoint's metadata."""
     file = find_checkpoint(path)
-    meta = read_metadata(file)
-    if meta.get("format") != "mimkit" or "model_config" not in meta:
-        raise ValueError(
-            f"{file} has no mimkit provenance metadata (model_config): give a checkpoint written "
-            "by mimkit"
-        )
-    return dict(meta["model_config"])
+    return provenance_model_config(read_metadata(file), file)
 
 
 @dataclass
