@@ -193,7 +193,7 @@ def test_the_light_header_reader_agrees_with_safetensors(tmp_path):
     import torch
 
     from mimkit.engine.checkpoint import read_metadata, save_weights
-    from mimkit.safetensors_header import read_header_metadata
+    from mimkit.weights import read_header_metadata
 
     meta = {"format": "mimkit", "model_config": {"arch": "vit_tiny", "depth": 6}, "note": "x"}
     save_weights(tmp_path / "a.safetensors", {"w": torch.zeros(2)}, metadata=meta)

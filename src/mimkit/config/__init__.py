@@ -1,8 +1,13 @@
 """Typed configuration: schemas, loading, validation (see :mod:`mimkit.config.core`)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
 from mimkit.config.core import (
     ConfigError,
-    load_config,
+    load_recipe,
     native_bf16,
     resolve_precision,
     save_config,
@@ -27,6 +32,21 @@ from mimkit.config.pretrain import (
 )
 from mimkit.config.tokenizer import DVAEConfig, DVAELossConfig, TokenizerConfig
 
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    schema: type = PretrainConfig,
+) -> Any:
+    """Load a recipe, apply dotlist ``overrides``, validate and resolve it.
+
+    Returns an instance of ``schema`` (by default :class:`PretrainConfig`) with presets and the
+    absolute learning rate filled in. Raises :class:`ConfigError` with a one-line message.
+    """
+    return load_recipe(path, overrides, schema=schema)
+
+
 __all__ = [
     "VIT_PRESETS",
     "ConfigError",
@@ -46,6 +66,7 @@ __all__ = [
     "TokenizerRef",
     "TrainConfig",
     "load_config",
+    "load_recipe",
     "native_bf16",
     "resolve",
     "resolve_precision",

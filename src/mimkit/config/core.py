@@ -24,13 +24,12 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 __all__ = [
     "ConfigError",
     "fail",
-    "load_config",
+    "load_recipe",
     "native_bf16",
     "positive",
     "resolve_precision",
     "save_config",
     "to_dict",
-    "world_size",
 ]
 
 
@@ -82,21 +81,18 @@ def _check_shape(data: Any, schema: type, source: str, prefix: str = "") -> None
             raise ConfigError(f"{source}: bad value for '{prefix}{key}': {value!r} is not a list")
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...],
     *,
-    schema: type | None = None,
+    schema: type,
 ) -> Any:
-    """Load a recipe, apply dotlist ``overrides``, validate and resolve it.
+    """Load a recipe as ``schema``, apply dotlist ``overrides``, validate and resolve it.
 
-    Returns an instance of ``schema`` (by default :class:`PretrainConfig`) with presets and the
-    absolute learning rate filled in. Raises :class:`ConfigError` with a one-line message.
+    Returns an instance of ``schema`` with presets and the absolute learning rate filled in.
+    Raises :class:`ConfigError` with a one-line message. (:func:`mimkit.config.load_config` is
+    the same with pretraining as the default schema.)
     """
-    if schema is None:
-        from mimkit.config.pretrain import PretrainConfig
-
-        schema = PretrainConfig
     base = OmegaConf.structured(schema)
     source = str(path) if path is not None else "<defaults>"
     try:
@@ -195,10 +191,6 @@ def resolve_precision(cfg: Any) -> None:
     native, why = native_bf16(getattr(run, "device", "auto"))
     train.precision = "bf16" if native else "fp32"
     train._precision_why = f"auto: {why}"  # not a field: printed at the run's start, not saved
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def fail(key: str, value: Any, allowed: str) -> None:

@@ -113,21 +113,12 @@ class EncoderConfig:
 
 
 def _saved_model_config(init: str) -> dict:
-    """``model_config`` from ``init``'s provenance: read from the file's header without PyTorch
-    for a weights file or a run directory's named file; a run with only ``checkpoints/`` goes
-    through the checkpoint reader (which verifies the newest complete one)."""
-    p = Path(init)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    names = ("encoder.safetensors", "model_best.safetensors", "model.safetensors")
-    file = p if p.is_file() else next((p / n for n in names if (p / n).is_file()), None)
-    if file is None or file.suffix != ".safetensors":
-        from mimkit.models.loading import checkpoint_model_config  # the full search, its errors
+    """``model_config`` from ``init``'s provenance, read from the file's header without PyTorch
+    (a run with only ``checkpoints/`` has its newest complete one verified first)."""
+    from mimkit.weights import open_weights, provenance_model_config
 
-        return checkpoint_model_config(init)
-    from mimkit.safetensors_header import provenance_model_config, read_header_metadata
-
-    return provenance_model_config(read_header_metadata(file), file)
+    handle = open_weights(init)
+    return provenance_model_config(handle.metadata, handle.path)
 
 
 def resolve_encoder(e: EncoderConfig) -> None:

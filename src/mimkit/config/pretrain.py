@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config.core import ConfigError, fail, positive, world_size
+from mimkit.config.core import ConfigError, fail, positive
+from mimkit.ranks import world_size
 
 # train.attention: how the timm attention layers compute (mimkit.models.attention.set_attention)
 ATTENTION_MODES = ("auto", "fused", "explicit")

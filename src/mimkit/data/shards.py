@@ -54,8 +54,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mimkit.data.datasets import IMAGE_SUFFIXES, BadImagePolicy, ImageFolder, load_image
 from mimkit.data.views import sample_seed
-from mimkit.engine.distributed import rank as current_rank
-from mimkit.engine.distributed import world_size as current_world_size
+from mimkit.ranks import rank as current_rank
+from mimkit.ranks import world_size as current_world_size
 
 __all__ = ["MANIFEST", "Shard", "ShardStream", "resolve_shards", "verify", "write_shards"]
 
@@ -341,7 +341,7 @@ class ShardStream(IterableDataset):
     ``image`` is uint8 (C, H, W) as :class:`~mimkit.data.datasets.ImageFolder` gives it, or
     ``transform(image, generator)`` with the generator seeded by ``sample_seed(seed, epoch,
     index)`` (``index`` from the sample's key), as :class:`~mimkit.data.views.AugmentedView`
-    does. ``rank``/``world_size`` default to :mod:`mimkit.engine.distributed`'s
+    does. ``rank``/``world_size`` default to :mod:`mimkit.ranks`'s
     (``current_rank()``, ``current_world_size()`` here), read when the stream is built.
     ``skipped`` counts skipped samples by cause (``corrupt``, ``no_image``, ``bad_label``,
     ``bad_shard``) and pickle members left unread (``unsafe``). ``policy`` (a

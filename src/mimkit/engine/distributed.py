@@ -32,6 +32,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+# rank and size are read without PyTorch (the data and config layers need them); re-exported here
+from mimkit.ranks import rank, world_size
+
 __all__ = [
     "DataParallelModel",
     "FullyShardedModel",
@@ -51,20 +54,6 @@ __all__ = [
 
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This rank: the process group's, else torchrun's ``RANK`` (before joining), else 0."""
-    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """The number of processes: the group's, else torchrun's ``WORLD_SIZE``, else 1.
-
-    Read from the environment before the group is joined, so a config resolved first (the
-    absolute lr from the effective batch) already counts every rank.
-    """
-    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:

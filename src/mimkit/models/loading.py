@@ -15,57 +15,21 @@ known before any weight is read. Only safetensors are read here: nothing is unpi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mimkit.engine.checkpoint import (
-    NotSafetensorsError,
-    latest_checkpoint,
-    load_weights,
-    read_metadata,
-    verify_checkpoint,
-)
-from mimkit.safetensors_header import provenance_model_config
+# finding a model.init's file is the weights layer's; read here too by older imports
+from mimkit.weights import checkpoint_model_config, find_checkpoint, open_weights
 
 __all__ = ["EncoderWeights", "checkpoint_model_config", "find_checkpoint", "load_encoder_weights"]
 
 # keys of a full pretraining model (and of an imported linear probe) that are not the encoder's
 _PRETRAIN_ONLY = ("decoder_", "mask_token", "lm_head.", "probe.")
 _HEAD_KEYS = ("head.", "fc_norm.")
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The safetensors file that ``path`` (a file, a run or a checkpoint directory) stands for."""
-    p = Path(path)
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise NotSafetensorsError(
-                f"{p} is not a .safetensors file: mimkit reads weights only as safetensors "
-                "(never unpickles); convert an official or timm checkpoint with `mimkit convert`"
-            )
-        return p
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    for name in ("encoder.safetensors", "model_best.safetensors", "model.safetensors"):
-        if (p / name).is_file():
-            return p / name
-    latest = latest_checkpoint(p / "checkpoints")
-    if latest is not None:
-        verify_checkpoint(latest, files=("model.safetensors",))
-        return latest / "model.safetensors"
-    raise FileNotFoundError(
-        f"{p}: no encoder.safetensors, model_best.safetensors, model.safetensors or complete "
-        "checkpoints/ inside"
-    )
-
-
-def checkpoint_model_config(path: str | Path) -> dict[str, Any]:
-    """The architecture (the pretraining ``model`` section) recorded in a checkpoint's metadata."""
-    file = find_checkpoint(path)
-    return provenance_model_config(read_metadata(file), file)
 
 
 @dataclass
@@ -78,8 +42,8 @@ class EncoderWeights:
 
 def load_encoder_weights(path: str | Path) -> EncoderWeights:
     """Encoder (and classifier head) weights of any mimkit checkpoint, decoder/MIM head dropped."""
-    file = find_checkpoint(path)
-    state, meta = load_weights(file)
+    handle = open_weights(path)
+    state, meta = handle.load(), copy.deepcopy(handle.metadata)
     encoder = {k: v for k, v in state.items() if not k.startswith(_PRETRAIN_ONLY + _HEAD_KEYS)}
     head = {k: v for k, v in state.items() if k.startswith(_HEAD_KEYS)}
-    return EncoderWeights(encoder, head, meta, file)
+    return EncoderWeights(encoder, head, meta, handle.path)

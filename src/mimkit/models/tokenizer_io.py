@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mimkit.config import ConfigError
-from mimkit.engine.checkpoint import load_weights, read_metadata
 from mimkit.models.dalle import DalleEncoder, load_dalle_encoder, map_pixels
 from mimkit.models.tokenizer import DiscreteVAE
+from mimkit.weights import load_weights, read_metadata
 
 __all__ = ["DalleTokenizer", "load_tokenizer"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from mimkit.config import PretrainConfig
-from mimkit.config.core import world_size
 from mimkit.config.pretrain import IMAGE_SUFFIXES
+from mimkit.ranks import world_size
 
 __all__ = ["Plan", "dense_plan", "finetune_plan", "format_plan", "pretrain_plan", "tokenizer_plan"]
 
