@@ -27,7 +27,7 @@ except ImportError as e:  # fail loudly rather than skip: CI must run these test
         "(both are in the [test] extra)"
     ) from e
 
-from mimkit.interop.dalle_pickle import UnsafePickleError, convert_dalle_pickle
+from mimkit.interop.dalle import UnsafePickleError, convert_dalle_pickle
 from mimkit.models.dalle import (
     DalleDecoder,
     DalleEncoder,

@@ -18,7 +18,7 @@ from timm.models import save_for_hf
 
 from mimkit.config import ModelConfig
 from mimkit.engine.checkpoint import load_weights, save_weights
-from mimkit.interop.timm_io import export_timm, import_timm, timm_model_spec
+from mimkit.interop.timm import export_timm, import_timm, timm_model_spec
 from mimkit.models import build_encoder
 from mimkit.models.heads import Classifier
 from mimkit.models.loading import load_encoder_weights

@@ -16,7 +16,7 @@ __all__ = ["add_convert_parser", "add_inspect_parser"]
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from mimkit.interop.convert import convert
-    from mimkit.interop.dalle_pickle import UnsafePickleError
+    from mimkit.interop.dalle import UnsafePickleError
     from mimkit.interop.official import UnsafeCheckpointError
 
     paths, src_format = list(args.paths), args.src_format

@@ -96,7 +96,7 @@ def _import(src: Path, fmt: str, dst: Path, opts: Mapping[str, Any]) -> list[str
 
         import_from_hf(src, dst, architecture=opts.get("architecture"))
     elif fmt == "timm":
-        from mimkit.interop.timm_io import import_timm
+        from mimkit.interop.timm import import_timm
 
         import_timm(
             src,
@@ -106,7 +106,7 @@ def _import(src: Path, fmt: str, dst: Path, opts: Mapping[str, Any]) -> list[str
             img_size=opts.get("img_size"),
         )
     elif fmt == "dalle":
-        from mimkit.interop.dalle_pickle import convert_dalle_pickle
+        from mimkit.interop.dalle import convert_dalle_pickle
 
         if not opts.get("trust_pickle"):
             raise PermissionError(
@@ -136,7 +136,7 @@ def _export(src: Path, fmt: str, dst: Path, opts: Mapping[str, Any]) -> tuple[li
         export_to_hf(src, dst, architecture=opts.get("architecture"))
         return [], {}
     if fmt == "timm":
-        from mimkit.interop.timm_io import export_timm
+        from mimkit.interop.timm import export_timm
 
         result = export_timm(src, dst)
         return list(result["notes"]), {"create_model": result["create_model"]}
@@ -270,7 +270,7 @@ def describe(path: str | Path, *, fmt: str = "auto") -> dict[str, Any]:
         if ck.args:
             info["args"] = ck.args
     elif fmt == "timm":
-        from mimkit.interop.timm_io import read_timm
+        from mimkit.interop.timm import read_timm
 
         state, config = read_timm(p)
         info["tensors"], info["parameters"] = _count(state)

@@ -1,53 +1,12 @@
-"""Read the official MAE and BEiT checkpoint files (``.pth``) safely; write them back.
+"""Official MAE / BEiT state dicts and ``.pth`` files -> mimkit.
 
-Reading a file: :mod:`mimkit.interop.official_read` (the file format, and the weights-only,
-allow-listed unpickling: ``argparse.Namespace`` is the one class beyond torch's defaults);
-kind detection and architecture inference: :mod:`mimkit.interop.official_spec`. Their public
-names are re-exported here.
-
-Layouts: each official kind, the keys it has besides the encoder's, and the mimkit layout it
-converts to (``layout`` in the metadata):
-
-- ``mae-encoder`` (``mae_pretrain_vit_*.pth``): ``norm``. -> ``timm-vit``, the same keys.
-- ``mae-pretrain`` (``mae_visualize_vit_*.pth``, main_pretrain's ``checkpoint-*.pth``):
-  ``norm, decoder_embed, mask_token, decoder_pos_embed, decoder_blocks.i, decoder_norm,
-  decoder_pred``. -> ``official-mae``, the same keys (``MAE`` takes them through
-  ``from_official_layout``).
-- ``mae-classifier`` (main_finetune): ``fc_norm, head`` (global pool, no ``norm``) or ``norm,
-  head`` (cls token). -> ``timm-classifier``, the same keys; ``pool`` "avg" / "cls".
-- ``mae-linprobe`` (main_linprobe: ``head = Sequential(BatchNorm1d(affine=False, eps=1e-6),
-  Linear)``): ``norm`` or ``fc_norm``, ``head.0.running_mean/running_var/num_batches_tracked``,
-  ``head.1.weight/bias``. -> ``timm-vit-probe``: the encoder (and ``fc_norm``) plus
-  ``probe.bn.running_mean/running_var``, ``probe.head.weight/bias`` (the key names of mimkit's
-  ``probe.safetensors`` under ``probe.``; the batch count goes to the metadata), or with
-  ``probe="fold"`` a ``timm-classifier``.
-- ``beit-pretrain`` (modeling_pretrain): ``mask_token, rel_pos_bias.relative_position_bias_table,
-  rel_pos_bias.relative_position_index, norm, lm_head``. -> ``official-beit``.
-- ``beit-classifier`` (modeling_finetune, intermediate or final fine-tuning, any resolution):
-  ``blocks.i.attn.relative_position_bias_table/_index``, ``fc_norm, head`` (mean pooling) or
-  ``norm, head``. -> ``timm-classifier``.
-- ``beit-encoder``: a BEiT encoder with neither ``lm_head`` nor ``head``. -> ``timm-beit``.
-
-The ViT encoder (MAE, timm's ``VisionTransformer``): ``cls_token (1,1,D), pos_embed (1,1+N,D),
-patch_embed.proj.{weight (D,C,p,p), bias}, blocks.i.{norm1, attn.qkv (3D,D)+bias, attn.proj,
-norm2, mlp.fc1, mlp.fc2}``. The BEiT encoder (timm's ``Beit``): ``cls_token, patch_embed.proj,
-[pos_embed], blocks.i.{gamma_1, gamma_2, norm1, attn.qkv.weight (no bias), attn.q_bias,
-attn.v_bias, [attn.relative_position_bias_table ((2g-1)^2+3, H)], attn.proj, norm2, mlp.fc1,
-mlp.fc2}``. The official BEiT registers ``relative_position_index`` ((g*g+1, g*g+1), int64) as a
-persistent buffer, so its files hold one per table; mimkit (and timm) recompute it: on import each
-is checked against the standard index and dropped, on export it is regenerated. Everything else
-converts key for key, tensors unchanged (same objects, dtypes kept), so official -> mimkit ->
-official is lossless. ``rel_pos_bias="per_layer"`` copies BEiT's shared pretraining table into
-every block, as BEiT's fine-tuning code does (not reversible: the export then has per-block
-tables). ``probe="fold"`` folds the linear probe's BatchNorm (eval statistics) into its linear
-layer: ``W' = W / sqrt(var + eps)``, ``b' = b - W' mean``, an equivalent mimkit classifier.
+The kinds and their layouts: :mod:`mimkit.interop.official`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -56,25 +15,13 @@ import torch
 from timm.models.beit import gen_relative_position_index
 
 from mimkit.config import ModelConfig
-from mimkit.interop.hf import flat_state
-from mimkit.interop.official_read import (
-    SAFE_GLOBALS,
-    OfficialCheckpoint,
-    UnsafeCheckpointError,
-    _args_dict,
-    _json_value,
-    read_official,
-)
-from mimkit.interop.official_spec import (
+from mimkit.interop.official.read import _args_dict, read_official
+from mimkit.interop.official.spec import (
     _INDEX,
     _TABLE,
-    OFFICIAL_KINDS,
-    OfficialKind,
     _compare,
     _detect_kind,
     _expected,
-    _family,
-    _grid_from_table,
     _infer_spec,
     _layout,
     _listing,
@@ -82,20 +29,7 @@ from mimkit.interop.official_spec import (
     _Spec,
 )
 
-__all__ = [
-    "OFFICIAL_KINDS",
-    "SAFE_GLOBALS",
-    "OfficialCheckpoint",
-    "OfficialKind",
-    "UnsafeCheckpointError",
-    "convert_official",
-    "export_official",
-    "import_official",
-    "load_official",
-    "read_official",
-    "save_official",
-    "to_official",
-]
+__all__ = ["convert_official", "import_official", "load_official"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -111,9 +45,6 @@ _PROBE_KEYS = {  # official linear probe -> mimkit (the names of probe.safetenso
     "head.1.bias": "probe.head.bias",
 }
 _PROBE_COUNT = "head.0.num_batches_tracked"
-
-
-# ---- official -> mimkit ----
 
 
 def convert_official(
@@ -355,125 +286,6 @@ def load_official(
     return state, meta
 
 
-# ---- mimkit -> official ----
-
-
-def _kind_from_mimkit(method: str | None, keys: set[str]) -> str:
-    family = method if method in ("mae", "beit") else _family(keys)
-    if family == "beit":
-        if "lm_head.weight" in keys:
-            return "beit-pretrain"
-        return "beit-classifier" if "head.weight" in keys else "beit-encoder"
-    if any(k.startswith("decoder_") for k in keys):
-        return "mae-pretrain"
-    if any(k.startswith("probe.") for k in keys):
-        return "mae-linprobe"
-    return "mae-classifier" if "head.weight" in keys else "mae-encoder"
-
-
-def to_official(
-    state: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, Any],
-    *,
-    kind: OfficialKind | None = None,
-) -> Tensors:
-    """A mimkit state dict (flat, or ``encoder.``-prefixed module keys) -> official key names.
-
-    ``kind``: the official layout to write; by default the metadata's ``official_kind`` (files
-    imported by :func:`load_official`), else detected from the keys and ``method``. BEiT's
-    ``relative_position_index`` buffers are regenerated (int64) beside each table and a linear
-    probe's keys renamed back (``head.0.*`` BatchNorm, ``head.1.*`` linear). The result is checked
-    by converting it back (strictly): it must give exactly the keys it came from.
-    """
-    if not isinstance(metadata, Mapping):
-        raise ValueError(f"metadata must be a mapping, got {type(metadata).__name__}")
-    flat = flat_state(state)
-    mc = metadata.get("model_config") or {}
-    method = metadata.get("method") or mc.get("method")
-    kind = kind or metadata.get("official_kind") or _kind_from_mimkit(method, set(flat))
-    if kind not in OFFICIAL_KINDS:
-        raise ValueError(f"kind must be one of {OFFICIAL_KINDS}, got {kind!r}")
-    family = kind.split("-")[0]
-    if method in ("mae", "beit") and method != family:
-        raise ValueError(f"kind {kind!r} does not fit the checkpoint's method {method!r}")
-    inverse = {v: k for k, v in _PROBE_KEYS.items()}
-    out: Tensors = {}
-    indices: dict[int, torch.Tensor] = {}  # one per grid: blocks share it (one storage saved)
-    for k, v in flat.items():
-        out[inverse.get(k, k) if kind == "mae-linprobe" else k] = v
-        if family == "beit" and k.endswith(_TABLE) and v.ndim == 2:
-            g = _grid_from_table(v.shape[0], k)
-            if g not in indices:
-                indices[g] = gen_relative_position_index((g, g))
-            out[k[: -len(_TABLE)] + _INDEX] = indices[g]
-    if kind == "mae-linprobe":
-        count = metadata.get("probe_num_batches_tracked", 0)
-        if count is not None:
-            out[_PROBE_COUNT] = torch.tensor(int(count), dtype=torch.long)
-    dec = mc.get("decoder") if isinstance(mc.get("decoder"), Mapping) else {}
-    # heads fix no key or shape except a relative position table's columns: the check below
-    # works without them
-    tables = [v for k, v in flat.items() if k.endswith(_TABLE) and v.ndim == 2]
-    heads = mc.get("num_heads") or metadata.get("num_heads")
-    heads = heads or (int(tables[0].shape[1]) if tables else 1)
-    try:
-        back, back_meta = convert_official(
-            out,
-            strict=True,
-            num_heads=heads,
-            decoder_num_heads=(dec.get("num_heads") or 1) if kind == "mae-pretrain" else None,
-            img_size=mc.get("img_size") or metadata.get("img_size"),
-            source=f"the {kind} export",
-        )
-    except ValueError as err:
-        raise ValueError(f"the state does not fit the official {kind} layout: {err}") from None
-    if back_meta["official_kind"] != kind:
-        raise ValueError(
-            f"the state holds an official {back_meta['official_kind']} model, not {kind!r} "
-            f"(keys: {sorted(flat)[:6]} ...)"
-        )
-    if set(back) != set(flat):
-        raise ValueError(
-            f"the {kind} export would not load back to the same keys: "
-            f"{sorted(set(back) ^ set(flat))[:8]}"
-        )
-    return out
-
-
-def save_official(
-    state: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, Any],
-    path: str | Path,
-    *,
-    kind: OfficialKind | None = None,
-    entry: str = "model",
-    include_args: bool = False,
-) -> Path:
-    """Write ``{entry: official state dict}`` with ``torch.save`` (atomically); returns ``path``.
-
-    ``include_args`` adds ``'args'``: an ``argparse.Namespace`` of the metadata's ``args``
-    fields (plain values only). Off by default: a Namespace needs an allow-list to be read with
-    ``torch.load(weights_only=True)`` (:func:`read_official` has it, a plain load does not).
-    """
-    official = to_official(state, metadata, kind=kind)
-    tensors = {k: v.detach().cpu() for k, v in official.items()}
-    obj: dict[str, Any] = {entry: tensors}
-    if include_args:
-        fields = metadata.get("args") or {}
-        plain = {k: _json_value(v) for k, v in fields.items()}
-        obj["args"] = argparse.Namespace(**{k: v for k, v in plain.items() if v is not ...})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-# ---- whole files: official .pth <-> mimkit .safetensors ----
-
-
 def import_official(
     src: str | Path,
     dst: str | Path,
@@ -504,21 +316,3 @@ def import_official(
     dst = Path(dst)
     save_weights(dst, state, meta)
     return dst
-
-
-def export_official(
-    checkpoint: str | Path,
-    dst: str | Path,
-    *,
-    kind: OfficialKind | None = None,
-    include_args: bool = False,
-) -> Path:
-    """A mimkit checkpoint (file or run directory) -> an official ``.pth``; returns ``dst``."""
-    from mimkit.engine.checkpoint import load_weights
-    from mimkit.models.loading import find_checkpoint
-
-    path = find_checkpoint(checkpoint)
-    state, meta = load_weights(path)
-    if meta.get("format") != "mimkit":
-        raise ValueError(f"{path} has no mimkit metadata: not a mimkit checkpoint")
-    return save_official(state, meta, dst, kind=kind, include_args=include_args)

@@ -1,7 +1,7 @@
 """Model configurations for :mod:`mimkit.interop.hf`: mimkit ``ModelConfig`` <-> HF config.
 
 Each direction resolves its configuration into the ``_Spec`` of
-:mod:`mimkit.interop.hf_layout` (what fixes the keys and shapes on both sides): a mimkit
+:mod:`mimkit.interop.hf.layout` (what fixes the keys and shapes on both sides): a mimkit
 ``model_config`` and state -> ``_Spec`` and the HF config dict (:func:`~mimkit.interop.hf.to_hf`),
 an HF config and state -> ``_Spec`` and a complete mimkit ``model_config`` dict
 (:func:`~mimkit.interop.hf.from_hf`). Configurations mimkit cannot build raise ValueError.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mimkit.config import VIT_PRESETS, ModelConfig
-from mimkit.interop.hf_layout import _ARCHS, _HF_DEFAULTS, _LN_EPS, _Spec
+from mimkit.interop.hf.layout import _ARCHS, _HF_DEFAULTS, _LN_EPS, _Spec
 
 __all__ = [
     "_config_dict",
