@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit.bench import add_bench_parser, load_bench_config, run_bench
+from mimkit.bench import load_bench_config, run_bench
+from mimkit.commands.bench import COMMANDS as BENCH
 from mimkit.config import ConfigError, load_config
 from mimkit.engine.perf import count_flops
 from tests.conftest import DEMO, ROOT, tiny_overrides
@@ -115,7 +116,7 @@ def test_compare_measures_both_sides_and_their_ratio(tmp_path, method):
 
 def test_the_command_prints_the_tables_and_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers())
+    BENCH[0].register(parser.add_subparsers())
     out = tmp_path / "bench" / "result.json"
     argv = ["bench", "-c", str(DEMO), *tiny_overrides(tmp_path / "run"), "--precision", "both",
             "--steps", "1", "--warmup", "0", "--rounds", "1", "--data-batches", "1",
@@ -140,7 +141,7 @@ def test_bad_keys_and_values_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'model\.nope'"):
         mae_cfg(tmp_path, "model.nope=1")
     parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers())
+    BENCH[0].register(parser.add_subparsers())
     args = parser.parse_args(["bench", "-c", str(DEMO), "train.batch_sise=4"])
     with pytest.raises(ConfigError, match=r"train\.batch_sise"):
         args.func(args)

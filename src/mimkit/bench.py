@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mimkit.commands.bench import HF_ATTENTION, add_bench_parser
+from mimkit.commands.bench import HF_ATTENTION
 from mimkit.config import ConfigError, PretrainConfig, load_config, to_dict
 from mimkit.config import validate as validate_pretrain
 from mimkit.engine import perf
@@ -41,11 +41,11 @@ __all__ = [
     "DataStats",
     "Side",
     "TrainStats",
-    "add_bench_parser",
     "data_throughput",
     "format_report",
     "load_bench_config",
     "run_bench",
+    "run_command",
 ]
 
 PRECISIONS = ("fp32", "bf16")
@@ -477,7 +477,8 @@ def format_report(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``mimkit bench`` on its parsed arguments: run, print the tables, write ``--json``."""
     cfg = load_bench_config(args.config, args.overrides)
     both = args.precision == "both"
     result = run_bench(

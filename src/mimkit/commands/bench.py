@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+from mimkit.commands.base import Command, add_config_args
+
+__all__ = ["COMMANDS", "HF_ATTENTION"]
 
 HF_ATTENTION = ("sdpa", "eager")  # Hugging Face's attn_implementation, sdpa its default
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from mimkit.bench import _cmd_bench as run
+def run(args: argparse.Namespace) -> int:
+    """Benchmark the recipe's model and print (and optionally save) the tables."""
+    from mimkit.bench import run_command
 
-    return run(args)
+    return run_command(args)
 
 
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``bench`` to the ``mimkit`` subcommands (``subparsers``: from ``add_subparsers()``)."""
-    p = subparsers.add_parser(
-        "bench",
-        help="training-step speed, FLOPs, MFU and memory of a pretraining recipe's model",
-        description="Benchmark the model of a pretraining recipe on random inputs: images/s, "
-        "step time, peak memory, FLOPs per step and MFU (against a matmul peak measured in the "
-        "same run); --compare times Hugging Face's ViTMAE / BEiT of the same size interleaved "
-        "with it (and, for MAE, its encoder on the full sequence); the training DataLoader "
-        "alone is timed beside it.",
-    )
-    p.add_argument("-c", "--config", required=True, help="YAML recipe (configs/pretrain/)")
-    overrides = "config overrides as key.sub=value (dotlist), applied after the recipe"
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
     compare = "also Hugging Face transformers (and, for MAE, its full-sequence encoder)"
     p.add_argument("--compare", action="store_true", help=compare)
     precision = "default: the recipe's train.precision"
@@ -45,5 +37,18 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     ):
         p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument("--json", metavar="OUT", help="write every figure and the machine's facts")
-    p.set_defaults(func=_cmd_bench)
-    return p
+
+
+COMMANDS = (
+    Command(
+        "bench",
+        help="training-step speed, FLOPs, MFU and memory of a pretraining recipe's model",
+        description="Benchmark the model of a pretraining recipe on random inputs: images/s, "
+        "step time, peak memory, FLOPs per step and MFU (against a matmul peak measured in the "
+        "same run); --compare times Hugging Face's ViTMAE / BEiT of the same size interleaved "
+        "with it (and, for MAE, its encoder on the full sequence); the training DataLoader "
+        "alone is timed beside it.",
+        arguments=_arguments,
+        run=run,
+    ),
+)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
+from mimkit.commands.base import Command
 from mimkit.config import ConfigError
 
-__all__ = ["add_data_parser"]
+__all__ = ["COMMANDS"]
 
 
-def _cmd_data_shard(args: argparse.Namespace) -> int:
+def run_shard(args: argparse.Namespace) -> int:
+    """Write the folder as shards and print what was written."""
     from mimkit.data.shards import MANIFEST, write_shards
 
     try:
@@ -33,7 +34,8 @@ def _cmd_data_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_verify(args: argparse.Namespace) -> int:
+def run_verify(args: argparse.Namespace) -> int:
+    """Decode every image once; exit status 1 when something is bad."""
     from mimkit.data.shards import verify
 
     try:
@@ -50,36 +52,46 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
     return 1 if res["bad"] or res["bad_shards"] else 0
 
 
-def add_data_parser(sub: Any) -> None:
-    """Add ``data`` (with its actions) to the ``mimkit`` subcommands."""
-    p = sub.add_parser(
-        "data",
-        help="image data: WebDataset tar shards, image checks",
-        description="Prepare and check pretraining data.",
-    )
-    data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = data.add_parser(
-        "shard",
-        help="write an image folder as WebDataset tar shards",
-        description="Write the images of SRC (class subfolders, or a flat unlabeled folder) as "
-        "tar shards OUT/shard-000000.tar ... in a seeded random order, plus OUT/manifest.json "
-        "(sample counts and sha256 per shard). Each sample: its original encoded image bytes "
-        "and its label as text (KEY.cls). OUT must not exist or be empty.",
-    )
+def _shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="image folder")
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (1000)")
     p.add_argument("--max-samples", type=int, help="the first N images of the folder only")
     p.add_argument("--seed", type=int, default=0, help="seed of the order of samples (0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the folder's order")
-    p.set_defaults(func=_cmd_data_shard)
-    p = data.add_parser(
-        "verify",
-        help="decode every image of a folder or a shard directory",
-        description="Decode every image of an image folder or a shard directory once (shards: "
-        "also sha256 and sample counts against the manifest; pickle members are never "
-        "unpickled). Exit status 1 when something is bad.",
-    )
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="an image folder, a shard directory or a .tar shard")
     p.add_argument("--report", help="write a JSON report listing every bad file or member")
-    p.set_defaults(func=_cmd_data_verify)
+
+
+COMMANDS = (
+    Command(
+        "data",
+        help="image data: WebDataset tar shards, image checks",
+        description="Prepare and check pretraining data.",
+        actions=(
+            Command(
+                "shard",
+                help="write an image folder as WebDataset tar shards",
+                description="Write the images of SRC (class subfolders, or a flat unlabeled "
+                "folder) as tar shards OUT/shard-000000.tar ... in a seeded random order, plus "
+                "OUT/manifest.json (sample counts and sha256 per shard). Each sample: its "
+                "original encoded image bytes and its label as text (KEY.cls). OUT must not "
+                "exist or be empty.",
+                arguments=_shard_args,
+                run=run_shard,
+            ),
+            Command(
+                "verify",
+                help="decode every image of a folder or a shard directory",
+                description="Decode every image of an image folder or a shard directory once "
+                "(shards: also sha256 and sample counts against the manifest; pickle members "
+                "are never unpickled). Exit status 1 when something is bad.",
+                arguments=_verify_args,
+                run=run_verify,
+            ),
+        ),
+    ),
+)
