@@ -553,11 +553,11 @@ def test_bad_hf_inputs_name_the_key_or_field():
 
 def test_hub_style_configs_without_default_values_read_the_same():
     """Hub config.json files leave out values equal to the class defaults (use_diff=True)."""
-    from mimkit.interop.hf.layout import _HF_DEFAULTS
+    from mimkit.interop.hf.layout import HF_DEFAULTS
 
     for model_type, cls in CONFIG_CLASSES.items():
         defaults = cls().to_dict()
-        for k, v in _HF_DEFAULTS[model_type].items():
+        for k, v in HF_DEFAULTS[model_type].items():
             assert defaults[k] == v, (model_type, k)
     for case in ("beit_full", "mae_full"):
         state, cfg, kwargs = _case(case)

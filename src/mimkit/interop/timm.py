@@ -35,11 +35,9 @@ from typing import Any
 
 import torch
 
-from mimkit.interop.hf.state import flat_state
+from mimkit.interop.spec import Tensors, flat_state
 
 __all__ = ["export_timm", "import_timm", "read_timm", "timm_model_spec", "to_timm_model"]
-
-Tensors = dict[str, torch.Tensor]
 
 # the timm name recorded for a ViT of this width (the arguments fix the rest of the shape)
 _VIT_NAMES = {

@@ -1,9 +1,9 @@
 """Model configurations for :mod:`mimkit.interop.hf`: mimkit ``ModelConfig`` <-> HF config.
 
-Each direction resolves its configuration into the ``_Spec`` of
-:mod:`mimkit.interop.hf.layout` (what fixes the keys and shapes on both sides): a mimkit
-``model_config`` and state -> ``_Spec`` and the HF config dict (:func:`~mimkit.interop.hf.to_hf`),
-an HF config and state -> ``_Spec`` and a complete mimkit ``model_config`` dict
+Each direction resolves its configuration into a :class:`~mimkit.interop.spec.ModelSpec` (what
+fixes the keys and shapes on both sides, through :func:`~mimkit.interop.hf.layout.key_plan`): a
+mimkit ``model_config`` and state -> spec and the HF config dict (:func:`~mimkit.interop.hf.to_hf`),
+an HF config and state -> spec and a complete mimkit ``model_config`` dict
 (:func:`~mimkit.interop.hf.from_hf`). Configurations mimkit cannot build raise ValueError.
 """
 
@@ -17,23 +17,24 @@ from typing import Any
 import torch
 
 from mimkit.config import VIT_PRESETS, ModelConfig
-from mimkit.interop.hf.layout import _ARCHS, _HF_DEFAULTS, _LN_EPS, _Spec
+from mimkit.interop.hf.layout import ARCHS, HF_DEFAULTS, LN_EPS
+from mimkit.interop.spec import ModelSpec, preset_name
 
 __all__ = [
-    "_config_dict",
-    "_detect_architecture",
-    "_hf_config",
-    "_mimkit_kind",
-    "_model_config_dict",
-    "_spec_from_hf",
-    "_spec_from_mimkit",
+    "build_hf_config",
+    "config_dict",
+    "detect_architecture",
+    "mimkit_kind",
+    "model_config_dict",
+    "spec_from_hf",
+    "spec_from_mimkit",
 ]
 
 
 # ---- model configs ----
 
 
-def _model_config_dict(model_config: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
+def model_config_dict(model_config: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
     """A complete, resolved ``ModelConfig`` dict (defaults for absent keys, presets filled)."""
     if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
         given = dataclasses.asdict(model_config)
@@ -83,20 +84,11 @@ def _model_config_dict(model_config: Mapping[str, Any] | ModelConfig) -> dict[st
     return out
 
 
-def _preset_name(embed_dim: int, depth: int, num_heads: int, hint: Any) -> str:
-    """The ``arch`` of a model: ``hint`` (the name mimkit saved with it) when it is a preset of
-    the same width: a recipe's ``vit_tiny`` with ``depth: 6`` stays ``vit_tiny``, its explicit
-    depth saved beside it; else the preset these dimensions match, else ``custom``."""
-    dims = (embed_dim, depth, num_heads)
-    if hint in VIT_PRESETS and VIT_PRESETS[hint][0] == embed_dim:
-        return hint
-    return next((name for name, v in VIT_PRESETS.items() if v == dims), "custom")
-
-
 # ---- mimkit -> HF ----
 
 
-def _mimkit_kind(method: str, state: Mapping[str, torch.Tensor]) -> str:
+def mimkit_kind(method: str, state: Mapping[str, torch.Tensor]) -> str:
+    """What a mimkit ``method`` state holds: ``"pretrain"``, ``"classifier"`` or ``"encoder"``."""
     pretrain_keys = ("lm_head.",) if method == "beit" else ("decoder_", "mask_token")
     pretrain = any(k.startswith(pretrain_keys) for k in state)
     classifier = any(k.startswith("head.") for k in state)
@@ -108,18 +100,46 @@ def _mimkit_kind(method: str, state: Mapping[str, torch.Tensor]) -> str:
     return "pretrain" if pretrain else "classifier" if classifier else "encoder"
 
 
-def _spec_from_mimkit(mc: dict[str, Any], arch: str, state: Mapping[str, torch.Tensor]) -> _Spec:
-    a, d = _ARCHS[arch], mc["embed_dim"]
+def _spec(arch: str, mc: dict[str, Any], *, mask_token: bool, fc_norm: bool, out: int) -> ModelSpec:
+    """The spec of HF class ``arch`` for the complete model config ``mc``; ``out``: the rows of
+    its classifier or MIM head (0: none)."""
+    a, dec = ARCHS[arch], mc["decoder"]
     beit = a.method == "beit"
-    hidden = int(d * mc["mlp_ratio"])
+    mae_pretrain = a.kind == "pretrain" and not beit
+    return ModelSpec(
+        method=a.method,
+        img_size=mc["img_size"],
+        patch_size=mc["patch_size"],
+        in_chans=mc["in_chans"],
+        embed_dim=mc["embed_dim"],
+        depth=mc["depth"],
+        num_heads=mc["num_heads"],
+        mlp_ratio=mc["mlp_ratio"],
+        layer_scale=beit and bool(mc["layer_scale"]),
+        rel_pos=mc["rel_pos_bias"] if beit else "none",
+        abs_pos=not beit or bool(mc["abs_pos_emb"]),
+        mask_token=mask_token,
+        fc_norm=fc_norm,
+        num_classes=out if a.kind == "classifier" else 0,
+        vocab_size=out if a.kind == "pretrain" else 0,
+        dec_dim=dec["embed_dim"] if mae_pretrain else 0,
+        dec_depth=dec["depth"] if mae_pretrain else 0,
+        dec_heads=dec["num_heads"] if mae_pretrain else 0,
+    )
+
+
+def spec_from_mimkit(mc: dict[str, Any], arch: str, state: Mapping[str, torch.Tensor]) -> ModelSpec:
+    """The spec of a mimkit ``state`` (complete model config ``mc``) as HF class ``arch``."""
+    a = ARCHS[arch]
+    beit = a.method == "beit"
     has_fc_norm = "fc_norm.weight" in state
     if a.kind == "classifier":
-        final = "fc_norm" if has_fc_norm else "norm"
+        fc_norm = has_fc_norm
     elif a.kind == "encoder":
-        final = "fc_norm" if has_fc_norm and "norm.weight" not in state else "norm"
+        fc_norm = has_fc_norm and "norm.weight" not in state
     else:
-        final = "norm"
-    if final == "fc_norm" and not beit:
+        fc_norm = False
+    if fc_norm and not beit:
         raise ValueError(
             "state has 'fc_norm.weight': a mean-pooled ('avg') ViT has no Hugging Face "
             f"counterpart ({arch} reads the normed cls token); fine-tune with pool='cls' to "
@@ -129,42 +149,26 @@ def _spec_from_mimkit(mc: dict[str, Any], arch: str, state: Mapping[str, torch.T
     key = out_key.get(a.kind, "")
     if key and key not in state:
         raise ValueError(f"state is missing key {key!r} (needed by {arch})")
-    dec = mc["decoder"]
-    mae_pretrain = a.kind == "pretrain" and not beit
-    return _Spec(
-        arch=arch,
-        img_size=mc["img_size"],
-        patch_size=mc["patch_size"],
-        in_chans=mc["in_chans"],
-        embed_dim=d,
-        depth=mc["depth"],
-        num_heads=mc["num_heads"],
-        hidden=hidden,
-        layer_scale=beit and bool(mc["layer_scale"]),
-        rel_pos=mc["rel_pos_bias"] if beit else "none",
-        abs_pos=not beit or bool(mc["abs_pos_emb"]),
-        mask_token=beit and "mask_token" in state,
-        final=final,
-        out_dim=int(state[key].shape[0]) if key else 0,
-        dec_dim=dec["embed_dim"] if mae_pretrain else 0,
-        dec_depth=dec["depth"] if mae_pretrain else 0,
-        dec_hidden=int(dec["embed_dim"] * mc["mlp_ratio"]) if mae_pretrain else 0,
-    )
+    out = int(state[key].shape[0]) if key else 0
+    return _spec(arch, mc, mask_token=beit and "mask_token" in state, fc_norm=fc_norm, out=out)
 
 
-def _hf_config(
-    s: _Spec,
+def build_hf_config(
+    arch: str,
+    s: ModelSpec,
     mc: dict[str, Any],
     *,
     mask_ratio: float,
     norm_pix_loss: bool,
     labels: Sequence[str] | None,
 ) -> dict[str, Any]:
+    """The HF config dict of class ``arch`` for spec ``s`` (mimkit's ``model_config`` ``mc`` is
+    kept in it under ``"mimkit"``)."""
     from mimkit import __version__
 
-    a = _ARCHS[s.arch]
+    a = ARCHS[arch]
     cfg: dict[str, Any] = {
-        "architectures": [s.arch],
+        "architectures": [arch],
         "model_type": a.model_type,
         "image_size": s.img_size,
         "patch_size": s.patch_size,
@@ -176,7 +180,7 @@ def _hf_config(
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
-        "layer_norm_eps": _LN_EPS,
+        "layer_norm_eps": LN_EPS,
     }
     if a.method == "mae":
         cfg["qkv_bias"] = True
@@ -199,15 +203,17 @@ def _hf_config(
             layer_scale_init_value=float(mc["layer_scale"]) if s.layer_scale else 0.0,
             drop_path_rate=float(mc["drop_path"]),
             # MIM: beit.layernorm must be an identity (mimkit's norm is the top-level layernorm)
-            use_mean_pooling=s.final == "fc_norm" or a.kind == "pretrain",
+            use_mean_pooling=s.fc_norm or a.kind == "pretrain",
         )
         if a.kind == "pretrain":
-            cfg["vocab_size"] = s.out_dim
+            cfg["vocab_size"] = s.vocab_size
     if a.kind == "classifier":
-        if labels is not None and len(labels) != s.out_dim:
-            raise ValueError(f"labels has {len(labels)} names but the head has {s.out_dim} classes")
+        if labels is not None and len(labels) != s.num_classes:
+            raise ValueError(
+                f"labels has {len(labels)} names but the head has {s.num_classes} classes"
+            )
         names = [str(x) for x in labels] if labels is not None else None
-        names = names or [f"LABEL_{i}" for i in range(s.out_dim)]
+        names = names or [f"LABEL_{i}" for i in range(s.num_classes)]
         cfg["id2label"] = {str(i): name for i, name in enumerate(names)}
         cfg["label2id"] = {name: i for i, name in enumerate(names)}
     # what HF configs cannot say (preset name, ViT drop path, ...) for a lossless way back
@@ -218,7 +224,8 @@ def _hf_config(
 # ---- HF -> mimkit ----
 
 
-def _config_dict(hf_config: Any) -> dict[str, Any]:
+def config_dict(hf_config: Any) -> dict[str, Any]:
+    """An HF config (a dict, or a transformers config object) as a plain dict."""
     if hasattr(hf_config, "to_dict") and not isinstance(hf_config, Mapping):
         hf_config = hf_config.to_dict()  # a transformers PretrainedConfig
     if not isinstance(hf_config, Mapping):
@@ -226,7 +233,9 @@ def _config_dict(hf_config: Any) -> dict[str, Any]:
     return dict(hf_config)
 
 
-def _detect_architecture(cfg: Mapping[str, Any], keys: Iterable[str]) -> str:
+def detect_architecture(cfg: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """The HF class of a model: its config's ``architectures``, else guessed from ``model_type``
+    and the state's keys."""
     archs = cfg.get("architectures") or []
     if len(archs) > 1:
         raise ValueError(f"hf_config 'architectures' names several classes {archs}; pass one")
@@ -263,17 +272,18 @@ def _square(cfg: Mapping[str, Any], key: str) -> int:
     return int(v)
 
 
-def _spec_from_hf(
+def spec_from_hf(
     cfg: Mapping[str, Any], arch: str, hf: Mapping[str, torch.Tensor]
-) -> tuple[_Spec, dict[str, Any]]:
-    a = _ARCHS[arch]
+) -> tuple[ModelSpec, dict[str, Any]]:
+    """(spec, complete mimkit ``model_config`` dict) of an HF model of class ``arch``."""
+    a = ARCHS[arch]
     mt = cfg.get("model_type", a.model_type)
     if mt != a.model_type:
         raise ValueError(
             f"hf_config 'model_type'={mt!r} does not match architecture {arch!r} "
             f"(model_type {a.model_type!r})"
         )
-    c = {**_HF_DEFAULTS[mt], **cfg}
+    c = {**HF_DEFAULTS[mt], **cfg}
     beit = a.method == "beit"
     if c["hidden_act"] != "gelu":
         raise ValueError(
@@ -282,9 +292,9 @@ def _spec_from_hf(
         )
     if not beit and not c["qkv_bias"]:
         raise ValueError("hf_config 'qkv_bias'=False is not supported: mimkit ViTs have qkv biases")
-    if float(c["layer_norm_eps"]) != _LN_EPS:
+    if float(c["layer_norm_eps"]) != LN_EPS:
         warnings.warn(
-            f"hf_config 'layer_norm_eps'={c['layer_norm_eps']} differs from mimkit's {_LN_EPS}: "
+            f"hf_config 'layer_norm_eps'={c['layer_norm_eps']} differs from mimkit's {LN_EPS}: "
             "the weights convert exactly, outputs differ by about eps / variance (relative)",
             UserWarning,
             stacklevel=3,
@@ -320,9 +330,9 @@ def _spec_from_hf(
         mlp_ratio=mlp_ratio,
     )
     hint = saved.get("arch") if isinstance(saved, Mapping) else None  # not ModelConfig's default
-    mc["arch"] = _preset_name(d, mc["depth"], heads, hint)
+    mc["arch"] = preset_name(d, mc["depth"], heads, hint)
 
-    layer_scale, rel_pos, abs_pos, mask_token, final = False, "none", True, False, "norm"
+    mask_token = fc_norm = False
     if beit:
         if c["use_relative_position_bias"] and c["use_shared_relative_position_bias"]:
             raise ValueError(
@@ -339,21 +349,19 @@ def _spec_from_hf(
         abs_pos = bool(c["use_absolute_position_embeddings"])
         mask_token = bool(c["use_mask_token"])
         lsiv = float(c["layer_scale_init_value"])
-        layer_scale = lsiv > 0
         mean_pool = bool(c["use_mean_pooling"])
         if arch == "BeitForMaskedImageModeling" and not mean_pool:
             raise ValueError(
                 "hf_config 'use_mean_pooling'=False in BeitForMaskedImageModeling stacks two "
                 "final LayerNorms (beit.layernorm, layernorm); mimkit's BEiT has one"
             )
-        final = "fc_norm" if mean_pool and arch != "BeitForMaskedImageModeling" else "norm"
+        fc_norm = mean_pool and arch != "BeitForMaskedImageModeling"
         mc.update(
-            layer_scale=lsiv if layer_scale else None,
+            layer_scale=lsiv if lsiv > 0 else None,
             rel_pos_bias=rel_pos,
             abs_pos_emb=abs_pos,
             drop_path=float(c["drop_path_rate"]),
         )
-    dec_dim = dec_depth = dec_hidden = 0
     if a.model_type == "vit_mae":
         dec_dim, dec_depth = int(c["decoder_hidden_size"]), int(c["decoder_num_hidden_layers"])
         dec_hidden = int(c["decoder_intermediate_size"])
@@ -368,8 +376,6 @@ def _spec_from_hf(
             "depth": dec_depth,
             "num_heads": int(c["decoder_num_attention_heads"]),
         }
-        if a.kind != "pretrain":
-            dec_dim = dec_depth = dec_hidden = 0
     out_key = {"classifier": "classifier.weight", "pretrain": "lm_head.weight" if beit else ""}
     key = out_key.get(a.kind, "")
     if key and key not in hf:
@@ -380,23 +386,4 @@ def _spec_from_hf(
             f"hf_config 'id2label' names {len(cfg['id2label'])} classes but "
             f"'classifier.weight' has {out_dim} rows"
         )
-    spec = _Spec(
-        arch=arch,
-        img_size=img,
-        patch_size=patch,
-        in_chans=mc["in_chans"],
-        embed_dim=d,
-        depth=mc["depth"],
-        num_heads=heads,
-        hidden=hidden,
-        layer_scale=layer_scale,
-        rel_pos=rel_pos,
-        abs_pos=abs_pos,
-        mask_token=mask_token,
-        final=final,
-        out_dim=out_dim,
-        dec_dim=dec_dim,
-        dec_depth=dec_depth,
-        dec_hidden=dec_hidden,
-    )
-    return spec, mc
+    return _spec(arch, mc, mask_token=mask_token, fc_norm=fc_norm, out=out_dim), mc

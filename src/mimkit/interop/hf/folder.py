@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from mimkit.engine.checkpoint import load_weights, save_weights
-from mimkit.interop.hf.config import _config_dict, _detect_architecture
-from mimkit.interop.hf.layout import _ARCHS, _HF_DEFAULTS, _V5_TO_HUB_RE, Tensors, _rename
+from mimkit.interop.hf.config import config_dict, detect_architecture
+from mimkit.interop.hf.layout import HF_DEFAULTS, hub_name
+from mimkit.interop.hf.provenance import hf_provenance
 from mimkit.interop.hf.state import from_hf, to_hf
+from mimkit.interop.spec import Tensors
 
 __all__ = ["export_to_hf", "import_from_hf", "load_hf_folder", "save_hf_folder"]
 
@@ -38,10 +40,10 @@ def save_hf_folder(
     ``add_pooling_layer=False``: mimkit exports no pooler). The weights file is written
     atomically; returns the folder.
     """
-    cfg = _config_dict(config)
-    if cfg.get("model_type") not in _HF_DEFAULTS:
+    cfg = config_dict(config)
+    if cfg.get("model_type") not in HF_DEFAULTS:
         raise ValueError(
-            f"config 'model_type' must be one of {sorted(_HF_DEFAULTS)}, got "
+            f"config 'model_type' must be one of {sorted(HF_DEFAULTS)}, got "
             f"{cfg.get('model_type')!r}"
         )
     if not cfg.get("architectures"):
@@ -50,7 +52,7 @@ def save_hf_folder(
         raise ValueError(f"state must be a mapping of tensors, got {type(state).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {_rename(k, _V5_TO_HUB_RE): v for k, v in state.items()}
+    tensors = {hub_name(k): v for k, v in state.items()}
     save_weights(folder / "model.safetensors", tensors, {"format": "pt"})
     tmp = folder / ".config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -107,18 +109,6 @@ def load_hf_folder(folder: str | Path) -> tuple[Tensors, dict[str, Any]]:
 
 # ---- whole checkpoints: a mimkit .safetensors <-> an HF folder ----
 
-# top-level metadata keys of mimkit checkpoints (see mimkit.tasks.pretrain.provenance)
-_ARCH_KEYS = (
-    "arch",
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-)
-
 
 def export_to_hf(
     checkpoint: str | Path,
@@ -163,42 +153,10 @@ def import_from_hf(
     dense tasks). HF folders do not record the training data's normalization, so there is no
     ``mean``/``std`` in the metadata.
     """
-    from mimkit import __version__
-
     hf_state, config = load_hf_folder(folder)
-    arch = architecture or _detect_architecture(config, hf_state)
+    arch = architecture or detect_architecture(config, hf_state)
     state, mc = from_hf(hf_state, config, architecture=arch)
-    a = _ARCHS[arch]
-    meta: dict[str, Any] = {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "source": f"huggingface:{arch}",
-        "method": a.method,
-        **{k: mc[k] for k in _ARCH_KEYS},
-        "model_config": mc,
-    }
-    if a.kind == "classifier":
-        labels = config.get("id2label") or {}
-        meta.update(
-            kind="classifier",
-            layout="timm-classifier",
-            num_classes=int(state["head.weight"].shape[0]),
-            pool="avg" if "fc_norm.weight" in state else "cls",
-            classes=[labels[k] for k in sorted(labels, key=int)] if labels else None,
-        )
-    else:
-        pretrain = a.kind == "pretrain"
-        meta["includes_decoder"] = pretrain
-        if a.method == "mae":
-            meta["layout"] = "official-mae" if pretrain else "timm-vit"
-            c = {**_HF_DEFAULTS["vit_mae"], **config}
-            if a.model_type == "vit_mae":
-                meta["mask_ratio"] = float(c["mask_ratio"])
-                meta["target"] = "norm_pixels" if c["norm_pix_loss"] else "pixels"
-        else:
-            meta["layout"] = "official-beit" if pretrain else "timm-beit"
-            if pretrain:
-                meta["vocab_size"] = int(state["lm_head.weight"].shape[0])
+    meta = hf_provenance(arch, state, mc, config)
     path = Path(path)
     save_weights(path, state, meta)
     return path

@@ -1,9 +1,10 @@
 """The Hugging Face side of :mod:`mimkit.interop.hf`: architectures, config defaults, key names.
 
-The table of supported HF classes (``_ARCHS``), the HF config defaults that Hub files leave
+The table of supported HF classes (:data:`ARCHS`), the HF config defaults that Hub files leave
 out, the rules renaming between the two HF key layouts (``"hub"`` / ``"v5"``, described in
 :mod:`mimkit.interop.hf`) and the mapping plan: one list of (mimkit key, HF key(s), mimkit
-shape) per architecture, built from a ``_Spec``. Pure data and key manipulation.
+shape) per architecture, built from a :class:`~mimkit.interop.spec.ModelSpec`. Pure data and
+key manipulation.
 
 Key mapping (per block ``i``; ``P`` is the HF base-model prefix: ``""``, ``"vit."`` or
 ``"beit."``). mimkit and timm fuse q, k and v into one ``attn.qkv`` linear; HF keeps three:
@@ -38,45 +39,44 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "HF_ARCHITECTURES",
-    "_ARCHS",
-    "_HF_DEFAULTS",
-    "_HUB_TO_V5_RE",
-    "_LAYOUTS",
-    "_LN_EPS",
-    "_V5_TO_HUB_RE",
-    "Tensors",
-    "_Arch",
-    "_Entry",
-    "_Spec",
-    "_check_keys",
-    "_plan",
-    "_rename",
-]
+from mimkit.interop.spec import ModelSpec
 
-Tensors = dict[str, torch.Tensor]
+__all__ = [
+    "ARCHS",
+    "HF_ARCHITECTURES",
+    "HF_DEFAULTS",
+    "HF_LAYOUTS",
+    "LN_EPS",
+    "Arch",
+    "PlanEntry",
+    "check_keys",
+    "hub_name",
+    "key_plan",
+    "v5_name",
+]
 
 
 @dataclass(frozen=True)
-class _Arch:
+class Arch:
+    """What mimkit needs to know of a supported HF class."""
+
     method: str  # mimkit's model family: "mae" (VisionTransformer) or "beit"
     kind: str  # "encoder" | "pretrain" | "classifier"
     model_type: str  # HF config model_type
     prefix: str  # HF base-model prefix of the encoder keys
 
 
-_ARCHS: dict[str, _Arch] = {
-    "ViTModel": _Arch("mae", "encoder", "vit", ""),
-    "ViTMAEModel": _Arch("mae", "encoder", "vit_mae", ""),
-    "ViTMAEForPreTraining": _Arch("mae", "pretrain", "vit_mae", "vit."),
-    "ViTForImageClassification": _Arch("mae", "classifier", "vit", "vit."),
-    "BeitModel": _Arch("beit", "encoder", "beit", ""),
-    "BeitForMaskedImageModeling": _Arch("beit", "pretrain", "beit", "beit."),
-    "BeitForImageClassification": _Arch("beit", "classifier", "beit", "beit."),
+ARCHS: dict[str, Arch] = {
+    "ViTModel": Arch("mae", "encoder", "vit", ""),
+    "ViTMAEModel": Arch("mae", "encoder", "vit_mae", ""),
+    "ViTMAEForPreTraining": Arch("mae", "pretrain", "vit_mae", "vit."),
+    "ViTForImageClassification": Arch("mae", "classifier", "vit", "vit."),
+    "BeitModel": Arch("beit", "encoder", "beit", ""),
+    "BeitForMaskedImageModeling": Arch("beit", "pretrain", "beit", "beit."),
+    "BeitForImageClassification": Arch("beit", "classifier", "beit", "beit."),
 }
 
-HF_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHS)
+HF_ARCHITECTURES: tuple[str, ...] = tuple(ARCHS)
 """The HF classes :mod:`mimkit.interop.hf` converts to and from."""
 
 # HF config defaults of the fields read here (pinned against the installed transformers by a
@@ -92,7 +92,7 @@ _VIT_DEFAULTS: dict[str, Any] = {
     "hidden_act": "gelu",
     "layer_norm_eps": 1e-12,
 }
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "vit": {**_VIT_DEFAULTS, "qkv_bias": True},
     "vit_mae": {
         **_VIT_DEFAULTS,
@@ -117,7 +117,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-_LN_EPS = 1e-6  # mimkit's (and timm's, and the official MAE / BEiT code's) LayerNorm eps
+LN_EPS = 1e-6  # mimkit's (and timm's, and the official MAE / BEiT code's) LayerNorm eps
 
 # ---- the two HF key layouts ----
 
@@ -148,7 +148,7 @@ _HUB_TO_V5 = [
 ]
 _V5_TO_HUB_RE = [(re.compile(p), r) for p, r in _V5_TO_HUB]
 _HUB_TO_V5_RE = [(re.compile(p), r) for p, r in _HUB_TO_V5]
-_LAYOUTS = ("hub", "v5")
+HF_LAYOUTS = ("hub", "v5")
 
 
 def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
@@ -157,34 +157,23 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
     return key
 
 
+def hub_name(key: str) -> str:
+    """An HF key in the checkpoint-file (``"hub"``) layout; such a key is returned unchanged."""
+    return _rename(key, _V5_TO_HUB_RE)
+
+
+def v5_name(key: str) -> str:
+    """An HF key in the transformers 5 (``"v5"``) layout; such a key is returned unchanged."""
+    return _rename(key, _HUB_TO_V5_RE)
+
+
 # ---- the mapping plan: one list of (mimkit key, HF key(s), mimkit shape) per architecture ----
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """What fixes the key set and shapes on both sides."""
+class PlanEntry:
+    """One mimkit tensor and the HF tensor(s) it maps to."""
 
-    arch: str
-    img_size: int
-    patch_size: int
-    in_chans: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    hidden: int  # MLP hidden width
-    layer_scale: bool = False  # BEiT gamma_* / lambda_*
-    rel_pos: str = "none"  # BEiT: shared | per_layer | none
-    abs_pos: bool = True  # ViT always; BEiT when abs_pos_emb
-    mask_token: bool = False  # BEiT encoder mask embedding
-    final: str = "norm"  # "norm" (norm on all tokens) | "fc_norm" (norm after mean pooling)
-    out_dim: int = 0  # classes (head) or vocabulary (lm_head)
-    dec_dim: int = 0  # MAE decoder width, depth and MLP hidden width
-    dec_depth: int = 0
-    dec_hidden: int = 0
-
-
-@dataclass(frozen=True)
-class _Entry:
     mimkit: str
     hf: tuple[str, ...]  # one key, or three (q, k, v) that concatenate along dim 0
     shape: tuple[int, ...]  # of the mimkit tensor
@@ -194,16 +183,17 @@ class _Entry:
         return self.shape if n == 1 else (self.shape[0] // n, *self.shape[1:])
 
 
-def _plan(s: _Spec) -> list[_Entry]:
-    a = _ARCHS[s.arch]
+def key_plan(arch: str, s: ModelSpec) -> list[PlanEntry]:
+    """The mapping of HF class ``arch`` with architecture ``s``: every key, in both layouts."""
+    a = ARCHS[arch]
     beit, p, d = a.method == "beit", a.prefix, s.embed_dim
     grid = s.img_size // s.patch_size
     n = grid * grid
     table = ((2 * grid - 1) ** 2 + 3, s.num_heads)  # BEiT: relative offsets + 3 cls entries
-    out: list[_Entry] = []
+    out: list[PlanEntry] = []
 
     def add(m: str, h: str | tuple[str, ...], shape: tuple[int, ...]) -> None:
-        out.append(_Entry(m, (h,) if isinstance(h, str) else h, shape))
+        out.append(PlanEntry(m, (h,) if isinstance(h, str) else h, shape))
 
     def linear(m: str, h: str, rows: int, cols: int) -> None:
         add(f"{m}.weight", f"{h}.weight", (rows, cols))
@@ -256,14 +246,14 @@ def _plan(s: _Spec) -> list[_Entry]:
         )
     for i in range(s.depth):
         block(f"blocks.{i}.", f"{p}layers.{i}.", d, s.hidden, beit_block=beit)
-    if s.final == "norm":
-        norm("norm", "layernorm" if s.arch == "BeitForMaskedImageModeling" else f"{p}layernorm", d)
+    if not s.fc_norm:
+        norm("norm", "layernorm" if arch == "BeitForMaskedImageModeling" else f"{p}layernorm", d)
     else:
         norm("fc_norm", f"{p}pooler.layernorm", d)
     if a.kind == "classifier":
-        linear("head", "classifier", s.out_dim, d)
+        linear("head", "classifier", s.num_classes, d)
     elif a.kind == "pretrain" and beit:
-        linear("lm_head", "lm_head", s.out_dim, d)
+        linear("lm_head", "lm_head", s.vocab_size, d)
     elif a.kind == "pretrain":
         ed = s.dec_dim
         linear("decoder_embed", "decoder.decoder_embed", ed, d)
@@ -282,7 +272,7 @@ def _plan(s: _Spec) -> list[_Entry]:
     return out
 
 
-def _check_keys(
+def check_keys(
     got: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
     *,

@@ -13,39 +13,26 @@ import torch
 
 from mimkit.config import ModelConfig
 from mimkit.interop.hf.config import (
-    _config_dict,
-    _detect_architecture,
-    _hf_config,
-    _mimkit_kind,
-    _model_config_dict,
-    _spec_from_hf,
-    _spec_from_mimkit,
+    build_hf_config,
+    config_dict,
+    detect_architecture,
+    mimkit_kind,
+    model_config_dict,
+    spec_from_hf,
+    spec_from_mimkit,
 )
 from mimkit.interop.hf.layout import (
-    _ARCHS,
-    _HUB_TO_V5_RE,
-    _LAYOUTS,
-    _V5_TO_HUB_RE,
+    ARCHS,
     HF_ARCHITECTURES,
-    Tensors,
-    _check_keys,
-    _plan,
-    _rename,
+    HF_LAYOUTS,
+    check_keys,
+    hub_name,
+    key_plan,
+    v5_name,
 )
+from mimkit.interop.spec import Tensors, flat_state
 
-__all__ = ["flat_state", "from_hf", "to_hf"]
-
-
-def flat_state(state: Mapping[str, torch.Tensor]) -> Tensors:
-    """``encoder.``-prefixed module state dicts (MAE, BEiT, Classifier) -> the flat layout."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"state must be a mapping of tensors, got {type(state).__name__}")
-    out: Tensors = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"state key {k!r} is not a tensor ({type(v).__name__})")
-        out[k.removeprefix("encoder.")] = v
-    return out
+__all__ = ["from_hf", "to_hf"]
 
 
 def to_hf(
@@ -75,14 +62,14 @@ def to_hf(
     ValueError naming the key for a missing, unexpected or mis-shaped tensor, and for models
     without an HF counterpart (a mean-pooled ViT classifier).
     """
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if layout not in HF_LAYOUTS:
+        raise ValueError(f"layout must be one of {HF_LAYOUTS}, got {layout!r}")
     flat = flat_state(state)
-    mc = _model_config_dict(model_config)
-    kind = _mimkit_kind(mc["method"], flat)
-    allowed = [n for n, a in _ARCHS.items() if (a.method, a.kind) == (mc["method"], kind)]
-    arch = architecture or allowed[0]  # the default: the first of _ARCHS that fits
-    if arch not in _ARCHS:
+    mc = model_config_dict(model_config)
+    kind = mimkit_kind(mc["method"], flat)
+    allowed = [n for n, a in ARCHS.items() if (a.method, a.kind) == (mc["method"], kind)]
+    arch = architecture or allowed[0]  # the default: the first of ARCHS that fits
+    if arch not in ARCHS:
         raise ValueError(
             f"architecture {arch!r} is not supported; choose one of {HF_ARCHITECTURES}"
         )
@@ -91,9 +78,9 @@ def to_hf(
             f"architecture {arch!r} cannot hold a mimkit {mc['method']} {kind} state; "
             f"choose one of {allowed}"
         )
-    spec = _spec_from_mimkit(mc, arch, flat)
-    plan = _plan(spec)
-    _check_keys(
+    spec = spec_from_mimkit(mc, arch, flat)
+    plan = key_plan(arch, spec)
+    check_keys(
         flat,
         {e.mimkit: e.shape for e in plan},
         what="state",
@@ -104,9 +91,11 @@ def to_hf(
         t = flat[e.mimkit].detach()
         parts = (t,) if len(e.hf) == 1 else t.chunk(len(e.hf), dim=0)
         for name, part in zip(e.hf, parts, strict=True):
-            key = _rename(name, _V5_TO_HUB_RE) if layout == "hub" else name
+            key = hub_name(name) if layout == "hub" else name
             hf[key] = part.clone().contiguous()
-    config = _hf_config(spec, mc, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, labels=labels)
+    config = build_hf_config(
+        arch, spec, mc, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, labels=labels
+    )
     return hf, config
 
 
@@ -134,7 +123,7 @@ def from_hf(
     mis-shaped tensor and for configurations mimkit cannot build (non-square images, an
     activation other than exact GELU, no qkv bias, two kinds of relative position bias, ...).
     """
-    cfg = _config_dict(hf_config)
+    cfg = config_dict(hf_config)
     if not isinstance(hf_state, Mapping):
         raise ValueError(f"hf_state must be a mapping of tensors, got {type(hf_state).__name__}")
     hf: Tensors = {}
@@ -142,18 +131,18 @@ def from_hf(
     for k, v in hf_state.items():
         if k.endswith("relative_position_index"):  # a buffer in old HF BEiT checkpoints
             continue
-        new = _rename(k, _HUB_TO_V5_RE)
+        new = v5_name(k)
         if new in hf:
             raise ValueError(f"hf_state has key {k!r} twice (in both HF layouts)")
         hf[new], given[new] = v, k
     hub = any(new != k for new, k in given.items())  # name missing keys in the caller's layout
-    arch = architecture or _detect_architecture(cfg, hf)
-    if arch not in _ARCHS:
+    arch = architecture or detect_architecture(cfg, hf)
+    if arch not in ARCHS:
         raise ValueError(
             f"architecture {arch!r} is not supported; choose one of {HF_ARCHITECTURES}"
         )
-    spec, mc = _spec_from_hf(cfg, arch, hf)
-    plan = _plan(spec)
+    spec, mc = spec_from_hf(cfg, arch, hf)
+    plan = key_plan(arch, spec)
     if arch == "ViTModel":
         pooler = sorted(k for k in hf if k.startswith("pooler."))
         if pooler:
@@ -165,12 +154,12 @@ def from_hf(
             )
             hf = {k: v for k, v in hf.items() if k not in pooler}
     expected = {name: e.hf_shape() for e in plan for name in e.hf}
-    _check_keys(
+    check_keys(
         hf,
         expected,
         what="hf_state",
         hint=f"does hf_config match the weights? (converting {arch})",
-        show=lambda k: given.get(k, _rename(k, _V5_TO_HUB_RE) if hub else k),
+        show=lambda k: given.get(k, hub_name(k) if hub else k),
     )
     state: Tensors = {}
     for e in plan:

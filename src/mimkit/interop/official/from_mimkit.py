@@ -14,25 +14,25 @@ from typing import Any
 import torch
 from timm.models.beit import gen_relative_position_index
 
-from mimkit.interop.hf.state import flat_state
-from mimkit.interop.official.read import _json_value
+from mimkit.interop.official.read import json_value
 from mimkit.interop.official.spec import (
-    _INDEX,
-    _TABLE,
     OFFICIAL_KINDS,
+    PROBE_COUNT,
+    PROBE_KEYS,
+    REL_POS_INDEX,
+    REL_POS_TABLE,
     OfficialKind,
-    _family,
-    _grid_from_table,
+    family_of,
+    grid_from_table,
 )
-from mimkit.interop.official.to_mimkit import _PROBE_COUNT, _PROBE_KEYS, convert_official
+from mimkit.interop.official.to_mimkit import convert_official
+from mimkit.interop.spec import Tensors, flat_state
 
 __all__ = ["export_official", "save_official", "to_official"]
 
-Tensors = dict[str, torch.Tensor]
-
 
 def _kind_from_mimkit(method: str | None, keys: set[str]) -> str:
-    family = method if method in ("mae", "beit") else _family(keys)
+    family = method if method in ("mae", "beit") else family_of(keys)
     if family == "beit":
         if "lm_head.weight" in keys:
             return "beit-pretrain"
@@ -69,24 +69,24 @@ def to_official(
     family = kind.split("-")[0]
     if method in ("mae", "beit") and method != family:
         raise ValueError(f"kind {kind!r} does not fit the checkpoint's method {method!r}")
-    inverse = {v: k for k, v in _PROBE_KEYS.items()}
+    inverse = {v: k for k, v in PROBE_KEYS.items()}
     out: Tensors = {}
     indices: dict[int, torch.Tensor] = {}  # one per grid: blocks share it (one storage saved)
     for k, v in flat.items():
         out[inverse.get(k, k) if kind == "mae-linprobe" else k] = v
-        if family == "beit" and k.endswith(_TABLE) and v.ndim == 2:
-            g = _grid_from_table(v.shape[0], k)
+        if family == "beit" and k.endswith(REL_POS_TABLE) and v.ndim == 2:
+            g = grid_from_table(v.shape[0], k)
             if g not in indices:
                 indices[g] = gen_relative_position_index((g, g))
-            out[k[: -len(_TABLE)] + _INDEX] = indices[g]
+            out[k[: -len(REL_POS_TABLE)] + REL_POS_INDEX] = indices[g]
     if kind == "mae-linprobe":
         count = metadata.get("probe_num_batches_tracked", 0)
         if count is not None:
-            out[_PROBE_COUNT] = torch.tensor(int(count), dtype=torch.long)
+            out[PROBE_COUNT] = torch.tensor(int(count), dtype=torch.long)
     dec = mc.get("decoder") if isinstance(mc.get("decoder"), Mapping) else {}
     # heads fix no key or shape except a relative position table's columns: the check below
     # works without them
-    tables = [v for k, v in flat.items() if k.endswith(_TABLE) and v.ndim == 2]
+    tables = [v for k, v in flat.items() if k.endswith(REL_POS_TABLE) and v.ndim == 2]
     heads = mc.get("num_heads") or metadata.get("num_heads")
     heads = heads or (int(tables[0].shape[1]) if tables else 1)
     try:
@@ -133,7 +133,7 @@ def save_official(
     obj: dict[str, Any] = {entry: tensors}
     if include_args:
         fields = metadata.get("args") or {}
-        plain = {k: _json_value(v) for k, v in fields.items()}
+        plain = {k: json_value(v) for k, v in fields.items()}
         obj["args"] = argparse.Namespace(**{k: v for k, v in plain.items() if v is not ...})
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

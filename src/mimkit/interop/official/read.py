@@ -31,16 +31,16 @@ from typing import Any
 
 import torch
 
+from mimkit.interop.spec import Tensors
+
 __all__ = [
     "SAFE_GLOBALS",
     "OfficialCheckpoint",
     "UnsafeCheckpointError",
-    "_args_dict",
-    "_json_value",
+    "json_value",
+    "official_args",
     "read_official",
 ]
-
-Tensors = dict[str, torch.Tensor]
 
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 """What :func:`read_official` allows beyond torch's weights-only defaults: the ``args`` entry."""
@@ -88,6 +88,8 @@ class UnsafeCheckpointError(ValueError):
 
 @dataclass
 class OfficialCheckpoint:
+    """What :func:`read_official` found in a file."""
+
     state: Tensors  # the model state dict, official key names
     entry: str | None  # the top-level key it came from ("model", "module"), None: the file itself
     args: dict[str, Any]  # useful fields of the ``args`` Namespace, as JSON values
@@ -126,17 +128,18 @@ def _first_line(err: BaseException) -> str:
     return lines[0].strip() if lines else type(err).__name__
 
 
-def _json_value(v: Any) -> Any:
+def json_value(v: Any) -> Any:
     """A JSON-able copy of a plain value, or ``...`` when it is not one."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (list, tuple)):
-        items = [_json_value(x) for x in v]
+        items = [json_value(x) for x in v]
         return ... if any(x is ... for x in items) else items
     return ...
 
 
-def _args_dict(args: Any) -> dict[str, Any]:
+def official_args(args: Any) -> dict[str, Any]:
+    """The fields of an official ``args`` Namespace (or mapping) worth keeping, as JSON values."""
     if args is None:
         return {}
     if isinstance(args, argparse.Namespace):
@@ -146,7 +149,7 @@ def _args_dict(args: Any) -> dict[str, Any]:
     out = {}
     for k in _ARG_FIELDS:
         if k in args:
-            v = _json_value(args[k])
+            v = json_value(args[k])
             if v is not ...:
                 out[k] = v
     return out
@@ -191,4 +194,4 @@ def read_official(path: str | Path, *, entry: str | None = None) -> OfficialChec
         raise ValueError(f"{path}: entry {entry!r} holds non-tensor values, e.g. {bad[0]!r}")
     extras = [] if entry is None else sorted(str(k) for k in obj if k not in (entry, "args"))
     args = obj.get("args") if entry is not None else None
-    return OfficialCheckpoint(dict(state), entry, _args_dict(args), extras, path)
+    return OfficialCheckpoint(dict(state), entry, official_args(args), extras, path)

@@ -16,29 +16,29 @@ import functools
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 
 from mimkit.config import VIT_PRESETS
+from mimkit.interop.spec import ModelSpec
 
 __all__ = [
     "OFFICIAL_KINDS",
-    "_INDEX",
-    "_SHARED_TABLE",
-    "_TABLE",
+    "PROBE_BN_EPS",
+    "PROBE_COUNT",
+    "PROBE_KEYS",
+    "REL_POS_INDEX",
+    "REL_POS_TABLE",
     "OfficialKind",
-    "_Spec",
-    "_compare",
-    "_detect_kind",
-    "_expected",
-    "_family",
-    "_grid_from_table",
-    "_infer_spec",
-    "_layout",
-    "_listing",
-    "_preset_name",
+    "compare_shapes",
+    "detect_kind",
+    "expected_shapes",
+    "family_of",
+    "grid_from_table",
+    "infer_spec",
+    "key_listing",
+    "mimkit_layout",
 ]
 
 OfficialKind = Literal[
@@ -53,55 +53,37 @@ OfficialKind = Literal[
 OFFICIAL_KINDS: tuple[str, ...] = get_args(OfficialKind)
 
 _OFFICIAL_DECODER = (512, 16)  # every official MAE decoder: width 512, 16 heads
-_TABLE, _INDEX = "relative_position_bias_table", "relative_position_index"
-_SHARED_TABLE = f"rel_pos_bias.{_TABLE}"
+# BEiT's relative position tables, and the index buffers the official code saves beside them
+REL_POS_TABLE, REL_POS_INDEX = "relative_position_bias_table", "relative_position_index"
+_SHARED_TABLE = f"rel_pos_bias.{REL_POS_TABLE}"
+PROBE_BN_EPS = 1e-6  # main_linprobe.py: BatchNorm1d(affine=False, eps=1e-6)
+PROBE_KEYS = {  # official linear probe -> mimkit (the names of probe.safetensors, prefixed)
+    "head.0.running_mean": "probe.bn.running_mean",
+    "head.0.running_var": "probe.bn.running_var",
+    "head.1.weight": "probe.head.weight",
+    "head.1.bias": "probe.head.bias",
+}
+PROBE_COUNT = "head.0.num_batches_tracked"  # the probe's BatchNorm batch count (metadata)
 
 
 # ---- what a state dict is: kind and architecture ----
 
 
-@dataclass(frozen=True)
-class _Spec:
-    kind: str  # an official kind
-    img_size: int
-    patch_size: int
-    in_chans: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float
-    pool: str = "avg"  # classifiers and probes
-    num_classes: int = 0
-    vocab_size: int = 0  # BEiT lm_head rows
-    layer_scale: bool = False  # BEiT
-    rel_pos: str = "none"  # BEiT: shared | per_layer | none
-    abs_pos: bool = True
-    mask_token: bool = False  # BEiT encoder
-    dec_dim: int = 0  # MAE decoder
-    dec_depth: int = 0
-    dec_heads: int = 0
-
-    @property
-    def family(self) -> str:
-        return self.kind.split("-")[0]
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-
-def _family(keys: set[str]) -> str:
-    beit = any(k.endswith(("attn.q_bias", ".gamma_1", _TABLE)) for k in keys)
+def family_of(keys: set[str]) -> str:
+    """``"beit"`` when BEiT-only keys are there (q/v biases, layer scale, a relative position
+    table, a MIM head), else ``"mae"``."""
+    beit = any(k.endswith(("attn.q_bias", ".gamma_1", REL_POS_TABLE)) for k in keys)
     return "beit" if beit or "lm_head.weight" in keys else "mae"
 
 
-def _detect_kind(keys: set[str]) -> str:
+def detect_kind(keys: set[str]) -> str:
+    """The official kind of a state dict with these keys (ValueError when it is no MAE / BEiT)."""
     if "patch_embed.proj.weight" not in keys:
         raise ValueError(
             "not an official MAE or BEiT checkpoint: no 'patch_embed.proj.weight' "
             f"(keys: {sorted(keys)[:8]})"
         )
-    if _family(keys) == "beit":
+    if family_of(keys) == "beit":
         if "lm_head.weight" in keys:
             return "beit-pretrain"
         return "beit-classifier" if "head.weight" in keys else "beit-encoder"
@@ -129,7 +111,8 @@ def _shape(state: Mapping[str, torch.Tensor], key: str, ndim: int) -> tuple[int,
     return shape
 
 
-def _grid_from_table(rows: int, key: str) -> int:
+def grid_from_table(rows: int, key: str) -> int:
+    """The grid side ``g`` of a relative position table of ``rows`` = (2g-1)^2 + 3 rows."""
     side = math.isqrt(max(rows - 3, 0))
     if side * side != rows - 3 or side % 2 == 0:
         raise ValueError(
@@ -143,12 +126,7 @@ def _preset_heads(embed_dim: int, depth: int) -> int | None:
     return next((h for d, n, h in VIT_PRESETS.values() if (d, n) == (embed_dim, depth)), None)
 
 
-def _preset_name(embed_dim: int, depth: int, num_heads: int) -> str:
-    dims = (embed_dim, depth, num_heads)
-    return next((name for name, v in VIT_PRESETS.items() if v == dims), "custom")
-
-
-def _infer_spec(
+def infer_spec(
     state: Mapping[str, torch.Tensor],
     kind: str,
     args: Mapping[str, Any],
@@ -156,7 +134,7 @@ def _infer_spec(
     num_heads: int | None,
     decoder_num_heads: int | None,
     img_size: int | None,
-) -> _Spec:
+) -> ModelSpec:
     """The architecture of an official state dict (indices included or not), from its shapes."""
     keys = set(state)
     d, c, p, p2 = _shape(state, "patch_embed.proj.weight", 4)
@@ -181,11 +159,11 @@ def _infer_spec(
                 f"'pos_embed' holds {n} patch positions (+1 cls): not a square grid, which "
                 "mimkit models need"
             )
-    tables = [k for k in (_SHARED_TABLE, f"blocks.0.attn.{_TABLE}") if k in state]
+    tables = [k for k in (_SHARED_TABLE, f"blocks.0.attn.{REL_POS_TABLE}") if k in state]
     table_heads = None
     if beit and tables:
         rows, table_heads = _shape(state, tables[0], 2)
-        g = _grid_from_table(rows, tables[0])
+        g = grid_from_table(rows, tables[0])
         if grid is not None and g != grid:
             raise ValueError(
                 f"'pos_embed' says a {grid}x{grid} grid but {tables[0]!r} a {g}x{g} one"
@@ -217,7 +195,7 @@ def _infer_spec(
         )
     if d % heads:
         raise ValueError(f"embed_dim {d} is not divisible by num_heads {heads}")
-    spec = _Spec(kind, grid * p, p, c, d, depth, heads, mlp_ratio)
+    spec = ModelSpec(kind.split("-")[0], grid * p, p, c, d, depth, heads, mlp_ratio)
 
     if beit:
         if "blocks.0.attn.q_bias" not in state:
@@ -247,13 +225,13 @@ def _infer_spec(
     if kind.endswith("classifier"):
         spec = dataclasses.replace(
             spec,
-            pool="avg" if "fc_norm.weight" in state else "cls",
+            fc_norm="fc_norm.weight" in state,
             num_classes=_shape(state, "head.weight", 2)[0],
         )
     elif kind == "mae-linprobe":
         spec = dataclasses.replace(
             spec,
-            pool="avg" if "fc_norm.weight" in state else "cls",
+            fc_norm="fc_norm.weight" in state,
             num_classes=_shape(state, "head.1.weight", 2)[0],
         )
     elif kind == "beit-pretrain":
@@ -301,8 +279,9 @@ def _expand_blocks(
 
 
 @functools.lru_cache(maxsize=16)
-def _expected(spec: _Spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """mimkit's keys and shapes for ``spec`` (a depth-1 model is built: cheap, RNG untouched)."""
+def expected_shapes(kind: str, spec: ModelSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """mimkit's keys and shapes for official ``kind`` weights of architecture ``spec`` (a depth-1
+    model is built: cheap, RNG untouched)."""
     from mimkit.models.beit import BEiT, BEiTEncoder
     from mimkit.models.heads import Classifier
     from mimkit.models.mae import MAE, to_official_layout
@@ -318,18 +297,18 @@ def _expected(spec: _Spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
         mlp_ratio=spec.mlp_ratio,
     )
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        if spec.family == "beit":
+        if spec.method == "beit":
             encoder: torch.nn.Module = BEiTEncoder(
                 **common,
                 layer_scale=0.1 if spec.layer_scale else None,
                 abs_pos_emb=spec.abs_pos,
                 shared_rel_pos_bias=spec.rel_pos == "shared",
                 rel_pos_bias=spec.rel_pos == "per_layer",
-                mask_token=spec.mask_token and spec.kind != "beit-classifier",
+                mask_token=spec.mask_token and kind != "beit-classifier",
             )
         else:
             encoder = VisionTransformer(**common)
-        if spec.kind == "mae-pretrain":
+        if kind == "mae-pretrain":
             model = MAE(
                 encoder,
                 decoder_embed_dim=spec.dec_dim,
@@ -338,12 +317,12 @@ def _expected(spec: _Spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
                 mlp_ratio=spec.mlp_ratio,
             )
             state = to_official_layout(model.state_dict())
-        elif spec.kind == "beit-pretrain":
+        elif kind == "beit-pretrain":
             state = to_official_layout(BEiT(encoder, vocab_size=spec.vocab_size).state_dict())
-        elif spec.kind.endswith(("classifier", "linprobe")):
+        elif kind.endswith(("classifier", "linprobe")):
             clf = Classifier(encoder, num_classes=spec.num_classes, pool=spec.pool)
             state = clf.timm_state_dict()
-            if spec.kind == "mae-linprobe":
+            if kind == "mae-linprobe":
                 state = {k: v for k, v in state.items() if not k.startswith("head.")}
                 d, n = spec.embed_dim, spec.num_classes
                 state |= {
@@ -356,12 +335,12 @@ def _expected(spec: _Spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
             state = encoder.state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     shapes = _expand_blocks(shapes, "blocks.", spec.depth)
-    if spec.kind == "mae-pretrain":
+    if kind == "mae-pretrain":
         shapes = _expand_blocks(shapes, "decoder_blocks.", spec.dec_depth)
     return tuple(shapes.items())
 
 
-def _layout(kind: str, probe: str) -> tuple[str, str]:
+def mimkit_layout(kind: str, probe: str) -> tuple[str, str]:
     """(mimkit ``kind``, ``layout``) of a converted official kind."""
     return {
         "mae-encoder": ("encoder", "timm-vit"),
@@ -376,9 +355,10 @@ def _layout(kind: str, probe: str) -> tuple[str, str]:
     }[kind]
 
 
-def _compare(
+def compare_shapes(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
 ) -> tuple[list[str], list[str], list[str]]:
+    """(unexpected keys, missing keys, ``"key (shape) != (expected)"`` for mis-shaped ones)."""
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     mis = [
@@ -389,6 +369,7 @@ def _compare(
     return unexpected, missing, mis
 
 
-def _listing(name: str, items: list[str], limit: int = 12) -> str:
+def key_listing(name: str, items: list[str], limit: int = 12) -> str:
+    """``"name (count): [the first limit items] and N more"``, for error messages."""
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return f"{name} ({len(items)}): {items[:limit]}{more}"
