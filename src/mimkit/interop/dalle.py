@@ -39,9 +39,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mimkit.interop.format import Format
 from mimkit.models.dalle import DalleDecoder, DalleEncoder, infer_dalle_config
 
-__all__ = ["UnsafePickleError", "convert_dalle_pickle", "read_dalle_pickle"]
+__all__ = [
+    "FORMAT",
+    "DalleFormat",
+    "UnsafePickleError",
+    "convert_dalle_pickle",
+    "read_dalle_pickle",
+]
 
 _DALLE_CLASSES = frozenset(
     {
@@ -237,3 +244,36 @@ def convert_dalle_pickle(src: Path, dst: Path, *, trust_pickle: bool) -> dict[st
     finally:
         tmp.unlink(missing_ok=True)
     return found
+
+
+class DalleFormat(Format):
+    """OpenAI's DALL-E dVAE pickles: converted to a mimkit tokenizer file, only when trusted."""
+
+    name = "dalle"
+    one_way = "a DALL-E dVAE converts to mimkit only (a tokenizer .safetensors)"
+
+    def recognise(self, path: Path) -> bool:
+        """A ``.pkl`` file."""
+        return path.is_file() and path.suffix == ".pkl"
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """Nothing read: a pickle is not opened to be described."""
+        return {
+            "note": "a pickle (OpenAI's DALL-E dVAE?): not opened, unpickling can run code; "
+            "convert it with `mimkit convert --from dalle --trust-pickle IN OUT.safetensors` if "
+            "you trust it"
+        }
+
+    def to_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> list[str]:
+        """:func:`convert_dalle_pickle`, refused without ``trust_pickle``."""
+        if not options.get("trust_pickle"):
+            raise PermissionError(
+                f"{src} is a pickle, and loading a pickle can run arbitrary code: pass "
+                "trust_pickle (--trust-pickle) only for files from a source you trust (OpenAI's "
+                "published encoder.pkl/decoder.pkl)"
+            )
+        convert_dalle_pickle(src, dst, trust_pickle=True)
+        return []
+
+
+FORMAT = DalleFormat()

@@ -35,9 +35,26 @@ from typing import Any
 
 import torch
 
+from mimkit.interop.format import (
+    SHOWN_KEYS,
+    Exported,
+    Format,
+    folder_config,
+    model_parts,
+    tensor_counts,
+    written_notes,
+)
 from mimkit.interop.spec import Tensors, flat_state
 
-__all__ = ["export_timm", "import_timm", "read_timm", "timm_model_spec", "to_timm_model"]
+__all__ = [
+    "FORMAT",
+    "TimmFormat",
+    "export_timm",
+    "import_timm",
+    "read_timm",
+    "timm_model_spec",
+    "to_timm_model",
+]
 
 # the timm name recorded for a ViT of this width (the arguments fix the rest of the shape)
 _VIT_NAMES = {
@@ -260,3 +277,58 @@ def import_timm(
     dst = Path(dst)
     save_weights(dst, state, meta)
     return dst
+
+
+class TimmFormat(Format):
+    """A timm folder (``config.json`` with ``architecture``) or a bare timm ``.safetensors``."""
+
+    name = "timm"
+
+    def recognise(self, path: Path) -> bool:
+        """A folder whose ``config.json`` names an ``architecture``, or a ``.safetensors``
+        without mimkit metadata."""
+        from mimkit.engine.checkpoint import read_metadata
+
+        if path.is_dir():
+            config = folder_config(path)
+            return config is not None and "architecture" in config
+        return path.suffix == ".safetensors" and read_metadata(path).get("format") != "mimkit"
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """Sizes, parts, and the folder's timm config (a bare file: what an import would find)."""
+        from mimkit.interop.official.to_mimkit import preview_official
+
+        state, config = read_timm(path)
+        info: dict[str, Any] = {**tensor_counts(state), **model_parts(state)}
+        if config:
+            info["architecture"] = config.get("architecture")
+            info["num_classes"] = config.get("num_classes")
+            info["model_args"] = config.get("model_args")
+            pcfg = config.get("pretrained_cfg") or {}
+            info.update({k: pcfg[k] for k in ("input_size", "mean", "std") if k in pcfg})
+            if isinstance(config.get("mimkit"), Mapping):
+                info["mimkit"] = {k: v for k, v in config["mimkit"].items() if k in SHOWN_KEYS}
+        else:
+            meta, _ = preview_official(state, None)
+            keep = ("kind", "method", "img_size", "patch_size", "in_chans", "embed_dim", "depth")
+            info.update({k: meta[k] for k in keep if k in meta})
+        return info
+
+    def to_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> list[str]:
+        """:func:`import_timm` (``strict``, ``num_heads``, ``img_size``)."""
+        import_timm(
+            src,
+            dst,
+            strict=options.get("strict", True),
+            num_heads=options.get("num_heads"),
+            img_size=options.get("img_size"),
+        )
+        return written_notes(dst)
+
+    def from_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> Exported:
+        """:func:`export_timm`; the details hold the ``timm.create_model`` call."""
+        result = export_timm(src, dst)
+        return list(result["notes"]), {"create_model": result["create_model"]}
+
+
+FORMAT = TimmFormat()

@@ -31,7 +31,7 @@ from mimkit.interop.official.spec import (
 )
 from mimkit.interop.spec import Tensors, tensor_dict
 
-__all__ = ["convert_official", "import_official", "load_official"]
+__all__ = ["convert_official", "import_official", "load_official", "preview_official"]
 
 
 def convert_official(
@@ -153,6 +153,23 @@ def _fold_probe(state: Tensors, notes: list[str]) -> Tensors:
         f"the probe's BatchNorm (eps {PROBE_BN_EPS:g}, running statistics) folded into 'head'"
     )
     return state
+
+
+def preview_official(
+    state: Mapping[str, torch.Tensor], args: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], bool]:
+    """(the metadata an import would record, whether the heads were guessed), from the shapes
+    alone: ``mimkit inspect`` has no ``num_heads`` to give, so 1 stands in where none is known."""
+    for heads, dec_heads in ((None, None), (None, 1), (1, 1)):
+        try:
+            _, meta = convert_official(
+                state, args=args, strict=False, num_heads=heads, decoder_num_heads=dec_heads
+            )
+            return meta, heads is not None
+        except ValueError as err:
+            if "heads" not in str(err) or heads == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def load_official(
