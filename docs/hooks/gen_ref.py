@@ -4,7 +4,8 @@ An MkDocs hook (``hooks:`` in ``mkdocs.yml``). Nothing is written to ``docs/``; 
 only in the build:
 
 - ``reference/config.md``: every key of every command's config schema (the dataclass trees of
-  ``mimkit.config``) with its type, its default and the comment written beside it in the source;
+  ``mimkit.config``) with its type, its default and the comment written beside it in the source
+  (else a note from ``config_notes.yaml`` beside this file);
 - ``reference/cli.md``: every command's ``--help``, from ``mimkit.cli.build_parser()``; a page
   may also embed one command's help with the marker ``<!-- mimkit-help: COMMAND -->``;
 - ``reference/api/``: one mkdocstrings page per module of ``src/mimkit`` (and their nav);
@@ -34,8 +35,12 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
+BENCHMARKS = ROOT / "benchmarks"
+API_PLACEHOLDER = "reference/api/index.md"  # the nav entry in mkdocs.yml that on_config fills
 log = logging.getLogger("mkdocs.hooks.gen_ref")
 
 # command(s) -> config schema; the title says which commands read a recipe of this schema
@@ -49,117 +54,8 @@ SCHEMAS: list[tuple[str, str, str]] = [
     ("detect", "mimkit.config.dense:DetectConfig", "`mimkit detect`, `mimkit eval`"),
     ("study", "mimkit.config.study:StudyConfig", "`mimkit study` (a study file)"),
 ]
-# What a key means where its source has no comment beside it (moved from the README's key
-# tables). "command:key" is for one command only. tests/test_docs.py checks that every key named
-# here exists, so a renamed key cannot leave a stale line behind.
-NOTES: dict[str, str] = {
-    "run.dir": "the run directory (config, metrics, checkpoints, figures)",
-    "run.seed": "seeds initialization, masking, shuffling and per-sample augmentation",
-    "data.std": "normalization; null: the dataset's own statistics",
-    "data.crop_scale": "random resized crop: scale range (bicubic)",
-    "data.hflip": "horizontal flip probability",
-    "data.num_workers": "DataLoader worker processes",
-    "data.max_bad_images": "distinct undecodable files tolerated with bad_images=skip",
-    "model.img_size": "input size in pixels",
-    "model.patch_size": "patch size in pixels",
-    "model.in_chans": "input channels: 1 (grayscale) or 3 (RGB)",
-    "model.embed_dim": "null: from the preset of model.arch",
-    "model.depth": "transformer blocks; null: from the preset",
-    "model.num_heads": "attention heads; null: from the preset",
-    "model.mlp_ratio": "MLP hidden width / embed_dim",
-    "model.drop_path": "stochastic depth rate",
-    "model.decoder.embed_dim": "decoder width",
-    "model.decoder.depth": "decoder blocks",
-    "model.decoder.num_heads": "decoder attention heads",
-    "model.abs_pos_emb": "BEiT only: absolute position embeddings besides the relative bias",
-    "optim.name": "the optimizer: adamw (the only one)",
-    "optim.lr": "the absolute lr; null: base_lr × effective batch / 256",
-    "optim.min_lr": "the schedule's floor",
-    "optim.weight_decay": "AdamW; no decay on norms, biases, position embeddings, cls/mask tokens",
-    "optim.betas": "AdamW",
-    "optim.eps": "AdamW",
-    "optim.warmup_epochs": "linear warm-up, per step",
-    "optim.clip_grad": "gradient clipping (max norm); null: none",
-    "optim.accum_steps": "micro-batches per optimizer step; derived when "
-    "train.global_batch_size is set",
-    "train.epochs": "the schedule's length (see also train.steps, train.max_steps)",
-    "train.compile_mode": "torch.compile's mode (with train.compile)",
-    "train.max_skipped_steps": "with on_nonfinite=skip: the most steps skipped in a run",
-    "train.log_every_steps": "a metrics.jsonl row every N optimizer steps",
-    "train.ckpt_every_epochs": "a checkpoint every N epochs (and always at the end)",
-    "train.ckpt_every_steps": "also a checkpoint every N optimizer steps; null: none",
-    "train.keep_last": "checkpoints kept (the newest)",
-    "train.figure_every_epochs": "pretraining figure cadence (always written at the end)",
-    "eval.knn.enabled": "weighted k-NN of the encoder after pretraining (eval.json)",
-    "eval.knn.k": "neighbours",
-    "eval.knn.pool": "avg: the mean of the patch tokens; cls: the cls token",
-    "eval.knn.temperature": "temperature of the similarity-weighted votes",
-    "eval.knn.test_samples": "null: the whole test split",
-    "eval.knn.batch_size": "feature extraction batch",
-    "eval.knn.test_root": "see train_root",
-    "tokenizer.in_chans": "1 (grayscale) or 3 (RGB)",
-    "tokenizer.vocab_size": "codebook size (visual-token vocabulary)",
-    "tokenizer.hidden_dim": "width of the convolutional encoder and decoder",
-    "tokenizer.codebook_dim": "dimension of each codebook vector",
-    "tokenizer.num_resblocks": "residual blocks per resolution stage",
-    "loss.temp_end": "the final Gumbel-softmax temperature",
-    "loss.anneal_epochs": "epochs over which the temperature anneals from temp_start to temp_end",
-    "data.eval_root": "folder: the evaluation images (class subfolders)",
-    "data.eval_max_samples": "use the first N evaluation images",
-    "model.init": "checkpoint, run directory or .safetensors; null: random initialization",
-    "model.arch": "a key of VIT_PRESETS or custom; null: from model.init",
-    "aug.remode": "random erasing mode (timm's)",
-    "aug.mixup_prob": "probability of applying Mixup or CutMix to a batch",
-    "aug.mixup_switch_prob": "probability of CutMix instead of Mixup when both are on",
-    "ema.enabled": "a weight EMA (timm's ModelEmaV3), evaluated beside the model",
-    "ema.decay": "EMA decay",
-    "eval_every_epochs": "evaluation cadence (on the validation split)",
-    "probe.lr": "the absolute lr; null: base_lr × batch / 256",
-    "probe.momentum": "LARS / SGD momentum",
-    "probe.weight_decay": "probe weight decay",
-    "probe.epochs": "probe training epochs",
-    "probe.warmup_epochs": "linear warm-up, then cosine",
-    "probe.batch_size": "probe batch",
-    "probe.feature_batch_size": "batch of the frozen encoder's forward",
-    "knn.k": "neighbours",
-    "knn.pool": "avg: the mean of the patch tokens; cls: the cls token",
-    "knn.temperature": "temperature of the similarity-weighted votes",
-    "knn.batch_size": "feature extraction batch",
-    "segment:data.root": "fashion_mosaic: the Fashion-MNIST IDX folder; ade20k: the dataset root",
-    "detect:data.root": "fashion_mosaic: the Fashion-MNIST IDX folder; coco: the training images",
-    "segment:data.eval_split": "ade20k: the evaluation split folder",
-    "detect:data.eval_split": "ade20k only (segment); detect reads eval_root / eval_ann_file",
-    "data.eval_size": "fashion_mosaic: evaluation canvases",
-    "data.canvas": "fashion_mosaic: canvas side in pixels",
-    "data.mosaic_seed": "fashion_mosaic: the canvases are a function of (seed, split, index)",
-    "data.ignore_index": "label of pixels left out of the loss and the metrics",
-    "head.aux_channels": "width of the auxiliary FCN head",
-    "eval.every_epochs": "evaluation cadence",
-    "eval.batch_size": "evaluation batch",
-    "eval.figure_images": "evaluation images drawn in the figure",
-    "head.detections_per_img": "the most detections kept per image",
-    "study:name": "the study's name (letters, digits and _.+-)",
-    "study:description": "what the study asks; printed at the top of table.md",
-    "study:seeds": "every variant is run with each seed",
-    "study:tokenizer.overrides": "dotted overrides applied to its recipe",
-    "study:pretrain.overrides": "dotted overrides applied to every variant",
-    "study:variants[].name": "the variant's name (its cells are named after it)",
-    "study:variants[].overrides": "dotted overrides of the base pretraining recipe",
-    "study:scratch.enabled": "add the from-scratch baseline as a row",
-    "study:scratch.name": "its row's name",
-    "study:scratch.overrides": "its encoder (model.init=null is added) and recipe changes",
-    "study:scratch.lr_grid": "fine-tuning lrs tried on the first seed; empty: the recipe's",
-    "study:finetune.enabled": "score every encoder by fine-tuning",
-    "study:finetune.config": "the fine-tuning recipe",
-    "study:finetune.overrides": "dotted overrides of that recipe",
-    "study:finetune.label_fractions": "one fine-tuning per fraction of the labels",
-    "study:linprobe.enabled": "score every encoder by a linear probe",
-    "study:linprobe.config": "the linear-probe recipe",
-    "study:linprobe.overrides": "dotted overrides of that recipe",
-    "study:knn.enabled": "score every encoder by k-NN",
-    "study:knn.config": "the k-NN recipe",
-    "study:knn.overrides": "dotted overrides of that recipe",
-}
+# What a key means where its source has no comment beside it: docs/hooks/config_notes.yaml
+NOTES: dict[str, str] = yaml.safe_load((Path(__file__).with_name("config_notes.yaml")).read_text())
 # modules without an API page: the command line is documented by reference/cli.md
 API_SKIP = ("mimkit.cli", "mimkit.commands", "mimkit.__main__")
 
@@ -302,11 +198,15 @@ def _fmt_type(hint: object) -> str:
     return f"`{text.replace('typing.', '')}`"
 
 
-def _cell(text: str) -> str:
-    """Markdown for a table cell: pipes escaped, ``rst`` literals as code, no raw HTML."""
+def _md(text: str) -> str:
+    """reST literals and roles (``x``, :class:`~x`) as Markdown code."""
     text = re.sub(r"``([^`]+)``", r"`\1`", text)
-    text = re.sub(r":(?:class|func|mod|meth|attr):`~?([^`]+)`", r"`\1`", text)
-    return text.replace("<", "&lt;").replace("|", "\\|").replace("*", "\\*")
+    return re.sub(r":(?:class|func|mod|meth|attr):`~?([^`]+)`", r"`\1`", text)
+
+
+def _cell(text: str) -> str:
+    """Markdown for a table cell: pipes and stars escaped, no raw HTML."""
+    return _md(text).replace("<", "&lt;").replace("|", "\\|").replace("*", "\\*")
 
 
 def _docstring(cls: type) -> str:
@@ -315,8 +215,7 @@ def _docstring(cls: type) -> str:
     doc = cls.__dict__.get("__doc__")
     if not doc or doc.startswith(cls.__name__ + "("):  # the dataclass' generated signature
         return ""
-    doc = re.sub(r"``([^`]+)``", r"`\1`", inspect.cleandoc(doc))
-    return re.sub(r":(?:class|func|mod|meth|attr):`~?([^`]+)`", r"`\1`", doc)
+    return _md(inspect.cleandoc(doc))
 
 
 def config_reference() -> str:
@@ -563,10 +462,6 @@ except ImportError:  # the functions above work without MkDocs
 
     def event_priority(priority):
         return lambda f: f
-
-
-BENCHMARKS = ROOT / "benchmarks"
-API_PLACEHOLDER = "reference/api/index.md"
 
 
 def _benchmark_pages() -> dict[str, Path]:
