@@ -506,7 +506,9 @@ def on_files(files, config):
 
 
 def on_page_content(html, page, config, files):
-    """Sphinx roles in docstrings (:class:`X`) read as plain code on the API pages."""
+    """GitHub's escaped pipes in table code (`a\\|b`) read as pipes; Sphinx roles in docstrings
+    (:class:`X`) as plain code on the API pages."""
+    html = re.sub(r"<code>[^<]*\\\|[^<]*</code>", lambda m: m.group(0).replace("\\|", "|"), html)
     if page.file.src_uri.startswith("reference/api/"):
         html = re.sub(r":(?:class|func|mod|meth|attr|data|exc|obj):(<code[^>]*>)~?", r"\1", html)
     return html
