@@ -316,13 +316,8 @@ class TimmFormat(Format):
 
     def to_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> list[str]:
         """:func:`import_timm` (``strict``, ``num_heads``, ``img_size``)."""
-        import_timm(
-            src,
-            dst,
-            strict=options.get("strict", True),
-            num_heads=options.get("num_heads"),
-            img_size=options.get("img_size"),
-        )
+        taken = {k: v for k, v in options.items() if k in ("strict", "num_heads", "img_size")}
+        import_timm(src, dst, **taken)
         return written_notes(dst)
 
     def from_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> Exported:

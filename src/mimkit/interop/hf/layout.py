@@ -121,17 +121,21 @@ LN_EPS = 1e-6  # mimkit's (and timm's, and the official MAE / BEiT code's) Layer
 
 # ---- the two HF key layouts ----
 
+# the module names inside a block, (v5, hub): renamed alike in both directions
+_BLOCK_NAMES = [
+    (".attention.q_proj.", ".attention.attention.query."),
+    (".attention.k_proj.", ".attention.attention.key."),
+    (".attention.v_proj.", ".attention.attention.value."),
+    (".attention.o_proj.", ".attention.output.dense."),
+    (".mlp.fc1.", ".intermediate.dense."),
+    (".mlp.fc2.", ".output.dense."),
+]
 _V5_TO_HUB = [
     (r"^((?:vit\.|beit\.)?)layers\.(\d+)\.relative_position_bias\.",
      r"\1encoder.layer.\2.attention.attention.relative_position_bias."),
     (r"^((?:vit\.|beit\.)?)layers\.(\d+)\.", r"\1encoder.layer.\2."),
     (r"^((?:beit\.)?)shared_position_bias\.", r"\1encoder.relative_position_bias."),
-    (r"\.attention\.q_proj\.", ".attention.attention.query."),
-    (r"\.attention\.k_proj\.", ".attention.attention.key."),
-    (r"\.attention\.v_proj\.", ".attention.attention.value."),
-    (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    (r"\.mlp\.fc1\.", ".intermediate.dense."),
-    (r"\.mlp\.fc2\.", ".output.dense."),
+    *((re.escape(v5), hub) for v5, hub in _BLOCK_NAMES),
 ]  # fmt: skip
 _HUB_TO_V5 = [
     # what transformers 5.x save_pretrained writes for ViTMAE's decoder blocks
@@ -139,12 +143,7 @@ _HUB_TO_V5 = [
     (r"\.attention\.attention\.relative_position_bias\.", ".relative_position_bias."),
     (r"^((?:vit\.|beit\.)?)encoder\.layer\.(\d+)\.", r"\1layers.\2."),
     (r"^((?:beit\.)?)encoder\.relative_position_bias\.", r"\1shared_position_bias."),
-    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
-    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
-    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
-    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
-    (r"\.intermediate\.dense\.", ".mlp.fc1."),
-    (r"\.output\.dense\.", ".mlp.fc2."),
+    *((re.escape(hub), v5) for v5, hub in _BLOCK_NAMES),
 ]
 _V5_TO_HUB_RE = [(re.compile(p), r) for p, r in _V5_TO_HUB]
 _HUB_TO_V5_RE = [(re.compile(p), r) for p, r in _HUB_TO_V5]

@@ -16,7 +16,7 @@ from mimkit.interop.format import (
 )
 from mimkit.interop.official.from_mimkit import export_official
 from mimkit.interop.official.read import read_official
-from mimkit.interop.official.to_mimkit import import_official, preview_official
+from mimkit.interop.official.to_mimkit import OfficialOptions, import_official, preview_official
 
 __all__ = ["FORMAT", "PICKLE_SUFFIXES", "OfficialFormat"]
 
@@ -53,16 +53,8 @@ class OfficialFormat(Format):
 
     def to_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> list[str]:
         """:func:`~mimkit.interop.official.import_official` with the options it takes."""
-        import_official(
-            src,
-            dst,
-            strict=options.get("strict", True),
-            num_heads=options.get("num_heads"),
-            decoder_num_heads=options.get("decoder_num_heads"),
-            img_size=options.get("img_size"),
-            rel_pos_bias=options.get("rel_pos_bias", "keep"),
-            probe=options.get("probe", "keep"),
-        )
+        taken = {k: v for k, v in options.items() if k in OfficialOptions.__optional_keys__}
+        import_official(src, dst, **taken)
         return written_notes(dst)
 
     def from_mimkit(self, src: Path, dst: Path, options: Mapping[str, Any]) -> Exported:

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 from timm.models.beit import gen_relative_position_index
@@ -31,7 +31,28 @@ from mimkit.interop.official.spec import (
 )
 from mimkit.interop.spec import Tensors, tensor_dict
 
-__all__ = ["convert_official", "import_official", "load_official", "preview_official"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "OfficialOptions",
+    "convert_official",
+    "import_official",
+    "load_official",
+    "preview_official",
+]
+
+
+class OfficialOptions(TypedDict, total=False):
+    """The conversion options that :func:`load_official` and :func:`import_official` pass on to
+    :func:`convert_official` (see there; each has its default when not given)."""
+
+    strict: bool
+    num_heads: int | None
+    decoder_num_heads: int | None
+    img_size: int | None
+    rel_pos_bias: Literal["keep", "per_layer"]
+    probe: Literal["keep", "fold"]
 
 
 def convert_official(
@@ -173,15 +194,7 @@ def preview_official(
 
 
 def load_official(
-    path: str | Path,
-    *,
-    strict: bool = True,
-    entry: str | None = None,
-    num_heads: int | None = None,
-    decoder_num_heads: int | None = None,
-    img_size: int | None = None,
-    rel_pos_bias: Literal["keep", "per_layer"] = "keep",
-    probe: Literal["keep", "fold"] = "keep",
+    path: str | Path, *, entry: str | None = None, **options: Unpack[OfficialOptions]
 ) -> tuple[Tensors, dict[str, Any]]:
     """An official MAE / BEiT ``.pth`` -> (mimkit state dict, provenance metadata).
 
@@ -191,17 +204,7 @@ def load_official(
     entries that were not converted (``official_extras``: optimizer, epoch, scaler, ...).
     """
     ck = read_official(path, entry=entry)
-    state, meta = convert_official(
-        ck.state,
-        args=ck.args,
-        strict=strict,
-        num_heads=num_heads,
-        decoder_num_heads=decoder_num_heads,
-        img_size=img_size,
-        rel_pos_bias=rel_pos_bias,
-        probe=probe,
-        source=str(ck.path),
-    )
+    state, meta = convert_official(ck.state, args=ck.args, source=str(ck.path), **options)
     meta["official_entry"] = ck.entry
     meta["official_file"] = ck.path.name
     if ck.extras:
@@ -210,33 +213,17 @@ def load_official(
     return state, meta
 
 
-def import_official(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    strict: bool = True,
-    num_heads: int | None = None,
-    decoder_num_heads: int | None = None,
-    img_size: int | None = None,
-    rel_pos_bias: Literal["keep", "per_layer"] = "keep",
-    probe: Literal["keep", "fold"] = "keep",
-) -> Path:
+def import_official(src: str | Path, dst: str | Path, **options: Unpack[OfficialOptions]) -> Path:
     """An official ``.pth`` -> a mimkit ``.safetensors`` with provenance metadata; returns ``dst``.
 
+    Read and converted by :func:`load_official` (``options``: see :func:`convert_official`).
     The file works wherever mimkit takes a checkpoint (encoders, full pretraining models and
-    classifiers; a kept linear probe's ``probe.*`` keys are for :func:`export_official`).
+    classifiers; a kept linear probe's ``probe.*`` keys are for
+    :func:`~mimkit.interop.official.export_official`).
     """
     from mimkit.engine.checkpoint import save_weights
 
-    state, meta = load_official(
-        src,
-        strict=strict,
-        num_heads=num_heads,
-        decoder_num_heads=decoder_num_heads,
-        img_size=img_size,
-        rel_pos_bias=rel_pos_bias,
-        probe=probe,
-    )
+    state, meta = load_official(src, **options)
     dst = Path(dst)
     save_weights(dst, state, meta)
     return dst
