@@ -35,6 +35,9 @@ from mimkit.interop.spec import Tensors, flat_state
 __all__ = ["from_hf", "to_hf"]
 
 
+# ---- mimkit -> HF ----
+
+
 def to_hf(
     state: Mapping[str, torch.Tensor],
     *,
