@@ -203,3 +203,23 @@ def test_the_light_header_reader_agrees_with_safetensors(tmp_path):
     (tmp_path / "b.safetensors").write_bytes(b"\x80\x04junk")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_header_metadata(tmp_path / "b.safetensors")
+
+
+def test_every_command_of_the_table_registers_and_names_a_schema_that_exists():
+    import argparse
+
+    from mimkit.commands import all_commands
+    from mimkit.commands.base import load_schema
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    commands = all_commands()
+    for command in commands:
+        command.register(sub)
+        for c in (command, *command.actions):
+            assert c.run is not None or c.actions, c.name
+            if c.schema is not None:
+                assert hasattr(load_schema(c.schema), "validate"), c.schema
+    names = [c.name for c in commands]
+    assert len(names) == len(set(names))
+    assert {"pretrain", "finetune", "segment", "eval", "study", "bench"} <= set(names)

@@ -314,3 +314,24 @@ def test_the_imagenet_linear_probe_recipe_loads_and_builds_at_its_real_size(tmp_
         enc = build_encoder(cfg.model.model_config(), fixed_pos_embed=False, mask_token=False)
         ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     assert sum(x.numel() for x in enc.parameters()) == sum(x.numel() for x in ref.parameters())
+
+
+def test_choices_are_literal_types_checked_in_yaml_overrides_and_python(tmp_path):
+    from mimkit.config import validate
+    from mimkit.config.downstream import LinprobeConfig
+
+    with pytest.raises(ConfigError, match=r"^override 'mask.strategy': mask.strategy='grid' is "
+                       r"not allowed: one of \['random', 'blockwise'\]$"):  # fmt: skip
+        load_config(DEMO, ["mask.strategy=grid"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  parallel: horovod\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.parallel='horovod' is not allowed"):
+        load_config(bad)
+    cfg = load_config(DEMO, tiny_overrides(tmp_path / "r"))
+    cfg.train.on_nonfinite = "ignore"  # a config changed in Python is checked by validate()
+    with pytest.raises(ConfigError, match=r"train\.on_nonfinite='ignore' is not allowed"):
+        validate(cfg)
+    probe = LinprobeConfig()
+    probe.probe.pool = "max"
+    with pytest.raises(ConfigError, match=r"probe\.pool='max' is not allowed: one of \['avg'"):
+        probe.validate()

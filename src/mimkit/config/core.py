@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 __all__ = [
     "ConfigError",
+    "check_choices",
+    "choices",
     "fail",
     "load_recipe",
     "native_bf16",
@@ -58,6 +63,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _omegaconf_message(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(getattr(err, "msg", "") or err).splitlines()[0]
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of (\[.*\])", msg)
+    if choice:  # a Literal-typed key
+        return f"{source}: {key}={choice[1]!r} is not allowed: one of {choice[2]}"
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return f"{source}: unknown key '{key}'" + (f" (not a key of '{parent}')" if parent else "")
@@ -191,6 +199,32 @@ def resolve_precision(cfg: Any) -> None:
     native, why = native_bf16(getattr(run, "device", "auto"))
     train.precision = "bf16" if native else "fp32"
     train._precision_why = f"auto: {why}"  # not a field: printed at the run's start, not saved
+
+
+def choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` (or optional ``Literal``) annotation, else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        for arg in args:
+            if typing.get_origin(arg) is typing.Literal:
+                return (*typing.get_args(arg), *((None,) if type(None) in args else ()))
+    return None
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every ``Literal``-typed key of the dataclass tree ``cfg`` holds one of its values (YAML
+    and overrides are checked by OmegaConf already; this covers configs built in Python)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+            continue
+        allowed = choices(hints[f.name])
+        if allowed is not None and value not in allowed:
+            fail(f"{prefix}{f.name}", value, f"one of {[a for a in allowed if a is not None]}")
 
 
 def fail(key: str, value: Any, allowed: str) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from mimkit.config.core import fail, positive
+from mimkit.config.core import check_choices, fail, positive
 from mimkit.config.downstream import (
     EncoderConfig,
     FinetuneOptimConfig,
@@ -87,14 +88,15 @@ class DenseEvalConfig:
     every_epochs: int = 1
     every_steps: int | None = None  # also evaluate every N optimizer steps (curves)
     batch_size: int = 16
-    mode: str = "whole"  # segment: whole (resize to model.img_size) | slide (windows)
+    mode: Literal["whole", "slide"] = "whole"  # whole: resized to model.img_size; slide: windows
     stride: int | None = None  # slide: window stride (null: 2/3 of model.img_size)
     figure_images: int = 4
 
 
 @dataclass
 class SegmentHeadConfig:
-    kind: str = "upernet"  # upernet (BEiT's official code) | setr_pup (BEiT paper Sec. 3.2)
+    # upernet (BEiT's official code) | setr_pup (BEiT paper Sec. 3.2)
+    kind: Literal["upernet", "setr_pup"] = "upernet"
     channels: int | None = None  # null: 512 (upernet) / 256 (setr_pup)
     out_indices: list[int] | None = None  # upernet: four blocks (null: (3, 5, 7, 11) at depth 12)
     aux_weight: float = 0.4  # weight of the auxiliary FCN head's loss; 0 disables it
@@ -121,8 +123,6 @@ class SegmentConfig:
     def validate(self) -> None:
         _validate(self, "segment", ("fashion_mosaic", "ade20k"))
         h = self.head
-        if h.kind not in ("upernet", "setr_pup"):
-            fail("head.kind", h.kind, "one of ['upernet', 'setr_pup']")
         if h.channels is not None:
             positive("head.channels", h.channels)
         positive("head.aux_channels", h.aux_channels)
@@ -140,8 +140,6 @@ class SegmentConfig:
             if not all(-depth <= i < depth for i in h.out_indices):
                 fail("head.out_indices", h.out_indices, f"block indices in [-{depth}, {depth})")
         e = self.eval
-        if e.mode not in ("whole", "slide"):
-            fail("eval.mode", e.mode, "one of ['whole', 'slide']")
         if e.stride is not None and not 0 < e.stride <= self.model.img_size:
             fail("eval.stride", e.stride, f"in (0, model.img_size={self.model.img_size}]")
 
@@ -232,6 +230,7 @@ def _resolve(cfg: SegmentConfig | DetectConfig) -> None:
 
 
 def _validate(cfg: SegmentConfig | DetectConfig, command: str, names: tuple[str, ...]) -> None:
+    check_choices(cfg)
     validate_encoder(cfg.model)
     validate_optim(cfg.optim, cfg.train)
     validate_train(cfg.train)

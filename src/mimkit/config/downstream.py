@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from mimkit.config.core import ConfigError, fail, native_bf16, positive
+from mimkit.config.core import ConfigError, check_choices, fail, native_bf16, positive
 from mimkit.config.pretrain import (
     VIT_PRESETS,
     DataConfig,
@@ -20,6 +21,7 @@ from mimkit.config.pretrain import (
     RunConfig,
     TrainConfig,
     resolve_batch_and_lr,
+    scaled_lr,
     validate_data,
     validate_optim,
     validate_run,
@@ -70,7 +72,7 @@ class EncoderConfig:
     """
 
     init: str | None = None
-    method: str | None = None  # mae (plain ViT) | beit
+    method: Literal["mae", "beit"] | None = None  # mae: plain ViT
     arch: str | None = None
     img_size: int | None = None  # differs from init's: position tables are interpolated
     patch_size: int | None = None
@@ -80,11 +82,13 @@ class EncoderConfig:
     num_heads: int | None = None
     mlp_ratio: float | None = None
     layer_scale: float | None = None  # BEiT; null: init's (0.1 from scratch); 0 disables
-    rel_pos_bias: str | None = None  # BEiT: null -> per_layer (the shared table copied per block)
+    # BEiT: null -> per_layer (the shared table copied per block)
+    rel_pos_bias: Literal["shared", "per_layer", "none"] | None = None
     abs_pos_emb: bool | None = None  # BEiT; null: init's (false from scratch)
     drop_path: float = 0.1
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
-    pool: str = "avg"  # avg: mean of patch tokens + fc_norm (BEiT, MAE global pool) | cls
+    # avg: mean of patch tokens + fc_norm (BEiT, MAE global pool) | cls
+    pool: Literal["avg", "cls"] = "avg"
     num_classes: int | None = None  # null: from the training data
     head_init_std: float = 2e-5  # MAE: trunc_normal(2e-5); BEiT: 0.02 * init_scale 0.001
     # fine-tuning: train only the last k blocks (and the final norm and head), the patch
@@ -166,8 +170,6 @@ def validate_encoder(e: EncoderConfig) -> None:
     for key in _ARCH_KEYS:
         if getattr(e, key) is None:
             fail(f"model.{key}", None, "required when model.init is null (training from scratch)")
-    if e.method not in ("mae", "beit"):
-        fail("model.method", e.method, "one of ['mae', 'beit']")
     if e.arch not in VIT_PRESETS and e.arch != "custom":
         fail("model.arch", e.arch, f"one of {[*VIT_PRESETS, 'custom']}")
     for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -178,8 +180,6 @@ def validate_encoder(e: EncoderConfig) -> None:
         fail("model.embed_dim", e.embed_dim, f"must be divisible by model.num_heads={e.num_heads}")
     if not 0 <= e.drop_path < 1:
         fail("model.drop_path", e.drop_path, "must be in [0, 1)")
-    if e.pool not in ("avg", "cls"):
-        fail("model.pool", e.pool, "one of ['avg', 'cls']")
     if e.rel_pos_bias not in ("shared", "per_layer", "none"):
         fail("model.rel_pos_bias", e.rel_pos_bias, "one of ['shared', 'per_layer', 'none']")
     if e.layer_scale is not None and e.layer_scale < 0:
@@ -214,7 +214,7 @@ class AugmentConfig:
 
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null disables
     reprob: float = 0.25  # random erasing probability
-    remode: str = "pixel"
+    remode: Literal["pixel", "rand", "const"] = "pixel"
     mixup: float = 0.8  # Beta(alpha) for Mixup; 0 disables
     cutmix: float = 1.0  # Beta(alpha) for CutMix; 0 disables
     mixup_prob: float = 1.0
@@ -262,6 +262,7 @@ class FinetuneConfig:
         resolve_batch_and_lr(self.optim, self.train)
 
     def validate(self) -> None:
+        check_choices(self)
         validate_encoder(self.model)
         validate_classify_data(self.data, in_chans=self.model.in_chans)
         validate_optim(self.optim, self.train)
@@ -283,8 +284,6 @@ class FinetuneConfig:
                 fail(f"aug.{key}", getattr(a, key), "must be >= 0 (0 disables)")
         if not 0 <= a.smoothing < 1:
             fail("aug.smoothing", a.smoothing, "must be in [0, 1)")
-        if a.remode not in ("pixel", "rand", "const"):
-            fail("aug.remode", a.remode, "one of ['pixel', 'rand', 'const']")
         if a.rand_augment is not None:
             from timm.data.auto_augment import rand_augment_transform
 
@@ -305,10 +304,12 @@ class FinetuneConfig:
 class ProbeConfig:
     """Linear probing on frozen, cached features (MAE's and BEiT's protocols)."""
 
-    pool: str = "avg"  # avg | cls | cls_avg (DINO's ViT-B probe: cls and avg-pool concatenated)
-    layers: str = "last"  # last | all (BEiT: every block probed, the best chosen on held-out data)
+    # cls_avg: cls and avg-pool concatenated (DINO's ViT-B probe)
+    pool: Literal["avg", "cls", "cls_avg"] = "avg"
+    # all: every block probed, the best chosen on held-out data (BEiT)
+    layers: Literal["last", "all"] = "last"
     last_blocks: int = 1  # DINO's n_last_blocks: the last N blocks' features concatenated
-    optimizer: str = "lars"  # lars (MAE) | sgd
+    optimizer: Literal["lars", "sgd"] = "lars"  # lars: MAE
     base_lr: float = 0.1  # lr = base_lr * batch / 256
     lr: float | None = None
     momentum: float = 0.9
@@ -321,7 +322,7 @@ class ProbeConfig:
     feature_batch_size: int = 256
     # the frozen encoder's forward: auto (bf16 autocast where the device computes bf16
     # natively, as train.precision=auto) | fp32 | bf16; the probe itself trains in fp32
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -335,23 +336,15 @@ class LinprobeConfig:
         resolve_encoder(self.model)
         p = self.probe
         if p.lr is None and p.base_lr > 0 and p.batch_size > 0:
-            p.lr = p.base_lr * p.batch_size / 256
+            p.lr = scaled_lr(p.base_lr, p.batch_size)
         p.precision = feature_precision(p.precision, self.run.device)
 
     def validate(self) -> None:
+        check_choices(self)
         validate_encoder(self.model)
         validate_classify_data(self.data, in_chans=self.model.in_chans)
         validate_run(self.run)
         p = self.probe
-        choices = {
-            "pool": ["avg", "cls", "cls_avg"],
-            "layers": ["last", "all"],
-            "optimizer": ["lars", "sgd"],
-            "precision": ["auto", "fp32", "bf16"],
-        }
-        for key, allowed in choices.items():
-            if getattr(p, key) not in allowed:
-                fail(f"probe.{key}", getattr(p, key), f"one of {allowed}")
         for key in ("base_lr", "lr", "epochs", "batch_size", "feature_batch_size"):
             positive(f"probe.{key}", getattr(p, key))
         if not 0 <= p.momentum < 1:
@@ -373,11 +366,12 @@ class LinprobeConfig:
 class KnnEvalConfig:
     k: int = 20
     temperature: float = 0.07
-    pool: str = "avg"  # avg | cls
+    pool: Literal["avg", "cls"] = "avg"
     layer: int = -1  # which block's output (0-based; -1 the last, with the final norm)
     batch_size: int = 256
     raw_pixels: bool = True  # also report k-NN on raw pixels
-    precision: str = "auto"  # the encoder's forward: auto (bf16 where native) | fp32 | bf16
+    # the encoder's forward: auto (bf16 where native) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -392,16 +386,13 @@ class KnnCommandConfig:
         self.knn.precision = feature_precision(self.knn.precision, self.run.device)
 
     def validate(self) -> None:
+        check_choices(self)
         validate_encoder(self.model)
         validate_classify_data(self.data, in_chans=self.model.in_chans)
         validate_run(self.run)
         k = self.knn
-        if k.precision not in ("auto", "fp32", "bf16"):
-            fail("knn.precision", k.precision, "one of ['auto', 'fp32', 'bf16']")
         for key in ("k", "temperature", "batch_size"):
             positive(f"knn.{key}", getattr(k, key))
-        if k.pool not in ("avg", "cls"):
-            fail("knn.pool", k.pool, "one of ['avg', 'cls']")
         if not -self.model.depth <= k.layer < self.model.depth:
             fail(
                 "knn.layer", k.layer, f"a block index in [-{self.model.depth}, {self.model.depth})"

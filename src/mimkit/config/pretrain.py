@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from mimkit.config.core import ConfigError, fail, positive
+from mimkit.config.core import ConfigError, check_choices, fail, positive
 from mimkit.ranks import world_size
 
 # train.attention: how the timm attention layers compute (mimkit.models.attention.set_attention)
-ATTENTION_MODES = ("auto", "fused", "explicit")
+AttentionMode = Literal["auto", "fused", "explicit"]
+ATTENTION_MODES = get_args(AttentionMode)
 
 __all__ = [
     "VIT_PRESETS",
@@ -66,7 +68,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards: samples held in the streaming shuffle buffer
     # an image folder's undecodable files: skip (listed in the run's skipped_images.jsonl;
     # more than max_bad_images distinct files stop the run) or error (stop at the first)
-    bad_images: str = "skip"
+    bad_images: Literal["skip", "error"] = "skip"
     max_bad_images: int = 100
 
 
@@ -79,7 +81,8 @@ class DecoderConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "mae"  # mae: visible tokens only + decoder | beit: full sequence + mask token
+    # mae: visible tokens only + decoder | beit: full sequence + mask token
+    method: Literal["mae", "beit"] = "mae"
     arch: str = "vit_base"  # a key of VIT_PRESETS or "custom"
     img_size: int = 224
     patch_size: int = 16
@@ -94,13 +97,14 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # MAE only
     # BEiT only
     layer_scale: float | None = 0.1  # initial layer-scale value; null disables
-    rel_pos_bias: str = "shared"  # shared (pretraining) | per_layer | none
+    rel_pos_bias: Literal["shared", "per_layer", "none"] = "shared"  # shared: pretraining
     abs_pos_emb: bool = False
 
 
 @dataclass
 class MaskConfig:
-    strategy: str = "random"  # random (MAE) | blockwise (BEiT Algorithm 1; MAE Table 1f "block")
+    # random (MAE) | blockwise (BEiT Algorithm 1; MAE Table 1f "block")
+    strategy: Literal["random", "blockwise"] = "random"
     ratio: float = 0.75  # fraction masked; blockwise uses num_masked when given
     num_masked: int | None = None  # blockwise: patches masked per image (BEiT: 75 of 196)
     min_block: int = 16  # blockwise: minimum block area in patches (16 for a 14x14 grid)
@@ -108,9 +112,10 @@ class MaskConfig:
 
 @dataclass
 class TargetConfig:
-    kind: str = "pixels"  # pixels | tokens (visual tokens of a tokenizer; BEiT)
+    kind: Literal["pixels", "tokens"] = "pixels"  # tokens: a tokenizer's visual tokens (BEiT)
     norm_pix: bool = True  # per-patch normalized pixels (MAE Sec. 4, "w/ norm")
-    loss_on: str = "masked"  # masked | all ("recover 100% visual tokens", BEiT Table 4)
+    # all: "recover 100% visual tokens" (BEiT Table 4)
+    loss_on: Literal["masked", "all"] = "masked"
 
 
 @dataclass
@@ -133,7 +138,8 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     clip_grad: float | None = None
     accum_steps: int = 1
-    schedule: str = "cosine"  # after warm-up: cosine (MAE, BEiT) | linear (to min_lr; segmentation)
+    # after warm-up: cosine (MAE, BEiT) | linear (to min_lr; segmentation)
+    schedule: Literal["cosine", "linear"] = "cosine"
 
 
 @dataclass
@@ -154,21 +160,23 @@ class TrainConfig:
     )
     # auto (bf16 where the device computes it natively, fp32 elsewhere; resolved when the config
     # is loaded, saved resolved) | fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler)
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # a non-finite loss or gradient norm: stop (before the optimizer step; the last checkpoint
     # stays intact) or skip that step, at most max_skipped_steps times in a run
-    on_nonfinite: str = "stop"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 10
     # under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2: parameters,
     # gradients and optimizer states sharded over the ranks)
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # torch.compile the model (in place: checkpoint keys are unchanged), as HF's torch_compile
     compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | ...-no-cudagraphs
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
     compile_backend: str = "inductor"  # any of torch._dynamo.list_backends(); eager: a check
     # attention: fused (torch's scaled_dot_product_attention) | explicit (matmuls + softmax) |
     # auto (explicit in bf16 on CPU, where it is faster; fused elsewhere)
-    attention: str = "auto"
+    attention: AttentionMode = "auto"
     log_every_steps: int = 10
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
@@ -181,7 +189,7 @@ class KnnConfig:
     enabled: bool = False
     k: int = 20
     temperature: float = 0.07
-    pool: str = "avg"  # avg | cls
+    pool: Literal["avg", "cls"] = "avg"
     train_samples: int | None = None  # null: the whole training split
     test_samples: int | None = None
     batch_size: int = 256
@@ -259,9 +267,8 @@ def resolve_batch_and_lr(o: OptimConfig, t: TrainConfig) -> None:
 
 def validate(cfg: PretrainConfig) -> None:
     """Check ranges and relations between values. Raises :class:`ConfigError` (one line)."""
+    check_choices(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    if m.method not in ("mae", "beit"):
-        fail("model.method", m.method, "one of ['mae', 'beit']")
     if m.arch not in VIT_PRESETS and m.arch != "custom":
         fail("model.arch", m.arch, f"one of {[*VIT_PRESETS, 'custom']}")
     for key in ("embed_dim", "depth", "num_heads"):
@@ -303,8 +310,6 @@ def validate(cfg: PretrainConfig) -> None:
     positive("eval.knn.k", knn.k)
     positive("eval.knn.temperature", knn.temperature)
     positive("eval.knn.batch_size", knn.batch_size)
-    if knn.pool not in ("avg", "cls"):
-        fail("eval.knn.pool", knn.pool, "one of ['avg', 'cls']")
     if knn.enabled and d.name in ("folder", "shards"):
         for key in ("train_root", "test_root"):
             root = getattr(knn, key)
@@ -321,8 +326,6 @@ def validate(cfg: PretrainConfig) -> None:
 
 def _validate_masking(cfg: PretrainConfig) -> None:
     m, mask, target = cfg.model, cfg.mask, cfg.target
-    if mask.strategy not in ("random", "blockwise"):
-        fail("mask.strategy", mask.strategy, "one of ['random', 'blockwise']")
     if not 0 < mask.ratio < 1:
         fail("mask.ratio", mask.ratio, "must be in the open interval (0, 1)")
     num_patches = (m.img_size // m.patch_size) ** 2
@@ -337,8 +340,6 @@ def _validate_masking(cfg: PretrainConfig) -> None:
     regions = ["masked"] if m.method == "mae" else ["masked", "all"]
     if target.loss_on not in regions:
         fail("target.loss_on", target.loss_on, f"one of {regions} for model.method={m.method!r}")
-    if m.rel_pos_bias not in ("shared", "per_layer", "none"):
-        fail("model.rel_pos_bias", m.rel_pos_bias, "one of ['shared', 'per_layer', 'none']")
     if m.layer_scale is not None:
         positive("model.layer_scale", m.layer_scale)
     tok = cfg.tokenizer
@@ -422,8 +423,6 @@ def validate_data(
             fail(chans_key, in_chans, "Fashion-MNIST is grayscale: use 1")
     if d.max_samples is not None:
         positive("data.max_samples", d.max_samples)
-    if d.bad_images not in ("skip", "error"):
-        fail("data.bad_images", d.bad_images, "one of ['skip', 'error']")
     if d.max_bad_images < 0:
         fail("data.max_bad_images", d.max_bad_images, "must be >= 0")
     for key in ("mean", "std"):
@@ -460,8 +459,6 @@ def validate_optim(o: OptimConfig, t: TrainConfig) -> None:
         fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
     if o.clip_grad is not None:
         positive("optim.clip_grad", o.clip_grad)
-    if o.schedule not in ("cosine", "linear"):
-        fail("optim.schedule", o.schedule, "one of ['cosine', 'linear']")
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -473,19 +470,8 @@ def validate_train(t: TrainConfig) -> None:
         positive("train.max_steps", t.max_steps)
     if t.steps is not None:
         positive("train.steps", t.steps)
-    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-        fail("train.precision", t.precision, "one of ['auto', 'fp32', 'bf16', 'fp16']")
-    if t.on_nonfinite not in ("stop", "skip"):
-        fail("train.on_nonfinite", t.on_nonfinite, "one of ['stop', 'skip']")
     if t.max_skipped_steps < 0:
         fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
-    if t.parallel not in ("ddp", "fsdp"):
-        fail("train.parallel", t.parallel, "one of ['ddp', 'fsdp']")
-    if t.attention not in ATTENTION_MODES:
-        fail("train.attention", t.attention, f"one of {list(ATTENTION_MODES)}")
-    modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-    if t.compile_mode not in modes:
-        fail("train.compile_mode", t.compile_mode, f"one of {modes}")
     if t.compile:
         import torch._dynamo
 

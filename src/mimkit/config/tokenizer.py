@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config.core import fail, positive
+from mimkit.config.core import check_choices, fail, positive
 from mimkit.config.pretrain import (
     DataConfig,
     OptimConfig,
@@ -61,6 +61,7 @@ class TokenizerConfig:
         resolve_batch_and_lr(self.optim, self.train)
 
     def validate(self) -> None:
+        check_choices(self)
         tk, loss = self.tokenizer, self.loss
         for key in ("img_size", "vocab_size", "hidden_dim", "codebook_dim", "downsample"):
             positive(f"tokenizer.{key}", getattr(tk, key))
