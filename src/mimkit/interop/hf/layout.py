@@ -178,6 +178,7 @@ class PlanEntry:
     shape: tuple[int, ...]  # of the mimkit tensor
 
     def hf_shape(self) -> tuple[int, ...]:
+        """The shape of each HF tensor (a third of the rows when q, k and v are split)."""
         n = len(self.hf)
         return self.shape if n == 1 else (self.shape[0] // n, *self.shape[1:])
 

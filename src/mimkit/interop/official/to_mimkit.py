@@ -69,7 +69,7 @@ def convert_official(
 ) -> tuple[Tensors, dict[str, Any]]:
     """An official MAE / BEiT model state dict -> (mimkit state dict, provenance metadata).
 
-    The kind (see the module docstring) is detected from the keys and the architecture inferred
+    The kind (see :mod:`mimkit.interop.official`) is detected from the keys and the architecture
     from the shapes; ``args`` (the checkpoint's Namespace or its fields) adds the training
     settings to the metadata. ``strict``: any unexpected, missing or mis-shaped key after the
     conversion raises one ValueError listing them all; with ``strict=False`` the unexpected and
