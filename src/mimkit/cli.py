@@ -21,7 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mimkit`` parser: every subcommand of :data:`mimkit.commands.TABLE`."""
     from mimkit import __version__
     from mimkit.commands import all_commands
-    from mimkit.commands.interop import add_convert_parser, add_inspect_parser
 
     parser = argparse.ArgumentParser(
         prog="mimkit", description="Masked image modeling (MAE, BEiT) for Vision Transformers."
@@ -30,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in all_commands():
         command.register(sub)
-    add_convert_parser(sub)
-    add_inspect_parser(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ __all__ = ["TABLE", "Command", "all_commands"]
 # the modules of mimkit.commands, in the order ``mimkit --help`` lists their commands
 TABLE = (
     "pretrain", "tokenizer", "finetune", "probes", "dense", "evaluate", "visualize", "study",
-    "recipe", "data", "bench",
+    "interop", "recipe", "data", "bench",
 )  # fmt: skip
 
 

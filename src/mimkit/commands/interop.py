@@ -7,14 +7,15 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any
 
+from mimkit.commands.base import Command
 from mimkit.config import ConfigError
 
-__all__ = ["add_convert_parser", "add_inspect_parser"]
+__all__ = ["COMMANDS"]
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert IN to OUT between the formats and print what was done."""
     from mimkit.interop.convert import convert
     from mimkit.interop.dalle import UnsafePickleError
     from mimkit.interop.official import UnsafeCheckpointError
@@ -61,7 +62,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print what a checkpoint is (or all of it as JSON)."""
     from mimkit.interop.convert import describe
     from mimkit.interop.official import UnsafeCheckpointError
 
@@ -88,20 +90,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_convert_parser(sub: Any) -> None:
-    """Add ``convert`` to the ``mimkit`` subcommands (``sub``: from ``add_subparsers()``)."""
+def _convert_args(p: argparse.ArgumentParser) -> None:
     from mimkit.interop.convert import FORMATS
 
-    p = sub.add_parser(
-        "convert",
-        help="convert checkpoints between mimkit, official MAE/BEiT, timm and Hugging Face",
-        description="Convert a checkpoint: official MAE / BEiT .pth, timm folders or "
-        ".safetensors, Hugging Face folders and OpenAI's DALL-E dVAE pickles in; official .pth, "
-        "timm folders (timm.create_model('local-dir:OUT', pretrained=True)) and Hugging Face "
-        "folders (from_pretrained) out; everything through mimkit's .safetensors with "
-        "provenance. Official files are read weights-only with an allow-list; key mismatches "
-        "are one error listing them all (--no-strict drops and reports them).",
-    )
     p.add_argument("paths", nargs="+", metavar="IN OUT", help="input and output paths")
     p.add_argument(
         "--from",
@@ -152,22 +143,37 @@ def add_convert_parser(sub: Any) -> None:
         action="store_true",
         help="DALL-E in: I trust this pickle's source; unpickle it (allow-listed)",
     )
-    p.set_defaults(func=_cmd_convert)
 
 
-def add_inspect_parser(sub: Any) -> None:
-    """Add ``inspect`` to the ``mimkit`` subcommands."""
+def _inspect_args(p: argparse.ArgumentParser) -> None:
     from mimkit.interop.convert import FORMATS
 
-    p = sub.add_parser(
+    p.add_argument("checkpoint", help="a file, a run or checkpoint directory, or a model folder")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="the checkpoint's format (default: detected)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON, all metadata included")
+
+
+COMMANDS = (
+    Command(
+        "convert",
+        help="convert checkpoints between mimkit, official MAE/BEiT, timm and Hugging Face",
+        description="Convert a checkpoint: official MAE / BEiT .pth, timm folders or "
+        ".safetensors, Hugging Face folders and OpenAI's DALL-E dVAE pickles in; official "
+        ".pth, timm folders (timm.create_model('local-dir:OUT', pretrained=True)) and Hugging "
+        "Face folders (from_pretrained) out; everything through mimkit's .safetensors with "
+        "provenance. Official files are read weights-only with an allow-list; key mismatches "
+        "are one error listing them all (--no-strict drops and reports them).",
+        arguments=_convert_args,
+        run=run_convert,
+    ),
+    Command(
         "inspect",
         help="describe a checkpoint",
         description="Say what a checkpoint is: format (mimkit, official, timm, hf, dalle), "
         "method, kind, target, whether it has a decoder / MIM head or a classifier head, "
         "sizes and provenance. Nothing is unpickled beyond the official allow-list.",
-    )
-    p.add_argument("checkpoint", help="a file, a run or checkpoint directory, or a model folder")
-    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
-                   help="the checkpoint's format (default: detected)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print JSON, all metadata included")
-    p.set_defaults(func=_cmd_inspect)
+        arguments=_inspect_args,
+        run=run_inspect,
+    ),
+)
