@@ -13,6 +13,7 @@ from typing import Any
 
 from mimkit.interop.hf.layout import ARCHS, HF_DEFAULTS
 from mimkit.interop.spec import Tensors
+from mimkit.weights import Provenance
 
 __all__ = ["hf_provenance"]
 
@@ -37,34 +38,30 @@ def hf_provenance(
     from mimkit import __version__
 
     a = ARCHS[arch]
-    meta: dict[str, Any] = {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "source": f"huggingface:{arch}",
-        "method": a.method,
-        **{k: mc[k] for k in _ARCH_KEYS},
-        "model_config": mc,
-    }
+    meta: dict[str, Any] = {k: mc[k] for k in _ARCH_KEYS}
     if a.kind == "classifier":
         labels = config.get("id2label") or {}
+        kind, layout = "classifier", "timm-classifier"
         meta.update(
-            kind="classifier",
-            layout="timm-classifier",
             num_classes=int(state["head.weight"].shape[0]),
             pool="avg" if "fc_norm.weight" in state else "cls",
             classes=[labels[k] for k in sorted(labels, key=int)] if labels else None,
         )
     else:
         pretrain = a.kind == "pretrain"
+        kind = "pretrain" if pretrain else "encoder"  # as mimkit's own files
         meta["includes_decoder"] = pretrain
         if a.method == "mae":
-            meta["layout"] = "official-mae" if pretrain else "timm-vit"
+            layout = "official-mae" if pretrain else "timm-vit"
             c = {**HF_DEFAULTS["vit_mae"], **config}
             if a.model_type == "vit_mae":
                 meta["mask_ratio"] = float(c["mask_ratio"])
                 meta["target"] = "norm_pixels" if c["norm_pix_loss"] else "pixels"
         else:
-            meta["layout"] = "official-beit" if pretrain else "timm-beit"
+            layout = "official-beit" if pretrain else "timm-beit"
             if pretrain:
                 meta["vocab_size"] = int(state["lm_head.weight"].shape[0])
-    return meta
+    return Provenance(
+        kind=kind, method=a.method, source=f"huggingface:{arch}", layout=layout,
+        model_config=mc, mimkit_version=__version__, extra=meta,
+    ).to_metadata()  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 from mimkit.config import ModelConfig
 from mimkit.interop.official.spec import PROBE_BN_EPS, mimkit_layout
 from mimkit.interop.spec import ModelSpec, preset_name
+from mimkit.weights import Provenance
 
 __all__ = ["official_provenance"]
 
@@ -73,21 +74,16 @@ def official_provenance(
             "num_heads": spec.dec_heads,
         }
     meta: dict[str, Any] = {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "source": f"official-{spec.method}",
         "official_kind": official_kind,
-        "kind": kind,
-        "layout": layout,
-        "method": spec.method,
         **{k: mc[k] for k in ("arch", "img_size", "patch_size", "in_chans")},
         **{k: mc[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")},
         "includes_decoder": kind == "pretrain",
     }
+    mean = std = None
     if spec.in_chans == 3:
         imagenet = not beit or bool(args.get("imagenet_default_mean_and_std", False))
-        meta["mean"] = _IMAGENET_MEAN if imagenet else _INCEPTION_MEAN
-        meta["std"] = _IMAGENET_STD if imagenet else _INCEPTION_STD
+        mean = _IMAGENET_MEAN if imagenet else _INCEPTION_MEAN
+        std = _IMAGENET_STD if imagenet else _INCEPTION_STD
     if kind == "pretrain" and not beit:
         meta["mask_strategy"] = "random"
         meta["mask_ratio"] = float(args.get("mask_ratio", 0.75))
@@ -107,7 +103,9 @@ def official_provenance(
         if source_kind == "mae-linprobe" and kind == "classifier":
             meta["folded_from"] = "mae-linprobe"
         mc.pop("decoder")  # a classifier has none (as mimkit's fine-tuning metadata)
-    meta["model_config"] = mc
     if args:
         meta["args"] = dict(args)
-    return meta
+    return Provenance(
+        kind=kind, method=spec.method, source=f"official-{spec.method}", layout=layout,
+        model_config=mc, mean=mean, std=std, mimkit_version=__version__, extra=meta,
+    ).to_metadata()  # fmt: skip
