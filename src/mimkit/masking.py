@@ -16,6 +16,8 @@ __all__ = [
     "Mask",
     "MaskSampler",
     "blockwise_mask",
+    "grid_mask",
+    "grid_step",
     "mask_from_bool",
     "num_visible",
     "random_masking",
@@ -133,6 +135,28 @@ def blockwise_mask(
     return torch.tensor(mask, dtype=torch.bool)
 
 
+def grid_step(ratio: float) -> int:
+    """The cell side ``s`` of grid-wise sampling for a mask ratio: one patch of every ``s x s``
+    is kept, so ``ratio`` must be ``1 - 1/s**2`` (0.75: s = 2, as MAE Fig. 6; 0.889: s = 3)."""
+    s = round((1 - ratio) ** -0.5) if 0 < ratio < 1 else 0
+    if s < 2 or abs(1 - 1 / s**2 - ratio) > 0.01:
+        raise ValueError(
+            f"grid masking keeps one patch of every s x s cell: the ratio must be 1 - 1/s^2 "
+            f"(0.75, 0.889, 0.9375, ...), got {ratio}"
+        )
+    return s
+
+
+def grid_mask(grid: tuple[int, int], ratio: float) -> torch.Tensor:
+    """MAE's grid-wise sampling (Fig. 6): keep the top-left patch of every ``s x s`` cell of the
+    patch grid (``s`` from :func:`grid_step`); the same (h, w) bool mask for every image. A grid
+    whose side is not a multiple of ``s`` keeps a little more than ``1 - ratio``."""
+    s = grid_step(ratio)
+    rows = torch.arange(grid[0]) % s == 0
+    cols = torch.arange(grid[1]) % s == 0
+    return ~(rows[:, None] & cols[None, :])
+
+
 def mask_from_bool(mask: torch.Tensor, *, num_masked: int | None = None) -> Mask:
     """A :class:`Mask` from a (B, N) bool mask with the same count per row (visible first).
 
@@ -154,15 +178,27 @@ def mask_from_bool(mask: torch.Tensor, *, num_masked: int | None = None) -> Mask
 class MaskSampler:
     """Per-sample masks inside the data pipeline: ``sampler(generator) -> (N,) bool``.
 
-    ``strategy`` is "blockwise" (BEiT Algorithm 1) or "random" (uniform, same count). The
+    ``strategy`` is "blockwise" (BEiT Algorithm 1), "random" (uniform, same count) or "grid"
+    (:func:`grid_mask`, the same for every image: ``num_masked`` must be its count). The
     generator is the sample's own (seeded by seed, epoch, index), so masks are reproducible.
     """
 
     def __init__(
-        self, strategy: str, grid: tuple[int, int], num_masked: int, *, min_block: int = 16
+        self,
+        strategy: str,
+        grid: tuple[int, int],
+        num_masked: int,
+        *,
+        min_block: int = 16,
+        ratio: float | None = None,
     ) -> None:
-        if strategy not in ("blockwise", "random"):
-            raise ValueError(f"mask strategy must be 'blockwise' or 'random', got {strategy!r}")
+        if strategy not in ("blockwise", "random", "grid"):
+            raise ValueError(
+                f"mask strategy must be 'blockwise', 'random' or 'grid', got {strategy!r}"
+            )
+        self.pattern = grid_mask(grid, ratio).flatten() if strategy == "grid" else None
+        if self.pattern is not None and int(self.pattern.sum()) != num_masked:
+            raise ValueError(f"the grid pattern masks {int(self.pattern.sum())}, not {num_masked}")
         n = grid[0] * grid[1]
         if not 0 < num_masked < n:
             raise ValueError(f"num_masked must be in (0, {n}), got {num_masked}")
@@ -171,6 +207,8 @@ class MaskSampler:
 
     def __call__(self, generator: torch.Generator) -> torch.Tensor:
         n = self.grid[0] * self.grid[1]
+        if self.pattern is not None:
+            return self.pattern.clone()
         if self.strategy == "random":
             mask = torch.zeros(n, dtype=torch.bool)
             mask[torch.randperm(n, generator=generator)[: self.num_masked]] = True

@@ -95,6 +95,9 @@ class ModelConfig:
     # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
     grad_checkpointing: bool = False
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # MAE only
+    # MAE only: the encoder sees every position, the masked ones as a learned mask token (MAE
+    # Table 1c "encoder w/ [M]"; slower, the paper's point of comparison)
+    mask_token_in_encoder: bool = False
     # BEiT only
     layer_scale: float | None = 0.1  # initial layer-scale value; null disables
     rel_pos_bias: Literal["shared", "per_layer", "none"] = "shared"  # shared: pretraining
@@ -337,9 +340,8 @@ def _validate_masking(cfg: PretrainConfig) -> None:
     kinds = ["pixels"] if m.method == "mae" else ["tokens", "pixels"]
     if target.kind not in kinds:
         fail("target.kind", target.kind, f"one of {kinds} for model.method={m.method!r}")
-    regions = ["masked"] if m.method == "mae" else ["masked", "all"]
-    if target.loss_on not in regions:
-        fail("target.loss_on", target.loss_on, f"one of {regions} for model.method={m.method!r}")
+    if m.mask_token_in_encoder and m.method != "mae":
+        fail("model.mask_token_in_encoder", True, "MAE only (BEiT's encoder always has one)")
     if m.layer_scale is not None:
         positive("model.layer_scale", m.layer_scale)
     tok = cfg.tokenizer

@@ -53,9 +53,13 @@ def build_encoder(
     return encoder
 
 
-def build_mae(cfg: PretrainConfig) -> MAE:
-    """An MAE (encoder + decoder) from a resolved pretraining config."""
+def build_mae(cfg: PretrainConfig, *, vocab_size: int | None = None) -> MAE:
+    """An MAE (encoder + decoder) from a resolved pretraining config; ``target.kind == "tokens"``
+    predicts a tokenizer's ``vocab_size`` visual tokens instead of pixels (MAE Table 1d)."""
     m = cfg.model
+    tokens = cfg.target.kind == "tokens"
+    if tokens and vocab_size is None:
+        raise ValueError("an MAE with visual-token targets needs the tokenizer's vocab_size")
     return MAE(
         build_encoder(m),
         decoder_embed_dim=m.decoder.embed_dim,
@@ -64,6 +68,9 @@ def build_mae(cfg: PretrainConfig) -> MAE:
         mlp_ratio=m.mlp_ratio,
         mask_ratio=cfg.mask.ratio,
         norm_pix_loss=cfg.target.norm_pix,
+        loss_on=cfg.target.loss_on,
+        vocab_size=vocab_size if tokens else None,
+        mask_token_in_encoder=m.mask_token_in_encoder,
     )
 
 
