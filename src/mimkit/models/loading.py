@@ -28,7 +28,7 @@ from mimkit.weights import checkpoint_model_config, find_checkpoint, open_weight
 __all__ = ["EncoderWeights", "checkpoint_model_config", "find_checkpoint", "load_encoder_weights"]
 
 # keys of a full pretraining model (and of an imported linear probe) that are not the encoder's
-_PRETRAIN_ONLY = ("decoder_", "mask_token", "lm_head.", "probe.")
+_PRETRAIN_ONLY = ("decoder_", "mask_token", "encoder_mask_token", "lm_head.", "probe.")
 _HEAD_KEYS = ("head.", "fc_norm.")
 
 
