@@ -187,3 +187,30 @@ def test_the_training_step_never_waits_for_the_device(
         x = torch.arange(4.0)
         float(x[x > 1].sum())
     assert counts == {"index[bool]": 1, "_local_scalar_dense": 1}
+
+
+def test_visualize_predictions_of_a_beit_run(tmp_path, tokenizer_path, capsys):
+    from PIL import Image
+
+    from mimkit.cli import main
+
+    run_pretrain(_beit(tmp_path, tokenizer_path, **{"train.max_steps": 2}))
+    png, out = tmp_path / "x.png", tmp_path / "pred.png"
+    pixels = torch.randint(0, 256, (16, 16, 3), generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(png)
+    argv = ["visualize", "predictions", str(tmp_path / "run"), str(png), "--out", str(out)]
+    assert main(argv) == 0 and out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    # the tokenizer given by hand must predict the same vocabulary
+    from mimkit.models.tokenizer import DiscreteVAE
+
+    other = tmp_path / "other.safetensors"
+    meta = {**ckpt.read_metadata(tokenizer_path), "vocab_size": 64}
+    keys = ("in_chans", "vocab_size", "hidden_dim", "codebook_dim", "downsample")
+    ckpt.save_weights(other, DiscreteVAE(**{k: meta[k] for k in keys}).state_dict(), meta)
+    assert main([*argv, "--tokenizer", str(other)]) == 2
+    assert "64 tokens, the BEiT predicts 32" in capsys.readouterr().err
+    # pixel-regressing BEiTs and MAEs predict no tokens: one line, exit status 2
+    run_pretrain(_beit(tmp_path / "px", tokenizer_path,
+                       **{"train.max_steps": 1, "target.kind": "pixels"}))  # fmt: skip
+    assert main(["visualize", "predictions", str(tmp_path / "px" / "run"), str(png)]) == 2
+    assert "predicts no visual tokens" in capsys.readouterr().err

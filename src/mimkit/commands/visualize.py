@@ -45,6 +45,33 @@ def _reconstruction_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--out", default="reconstruction.png", help="PNG path")
 
 
+def _predictions_args(q: argparse.ArgumentParser) -> None:
+    _image_args(q)
+    q.add_argument("--tokenizer", help="the tokenizer .safetensors (default: the run's own)")
+    decoder = ("with the DALL-E tokenizer: its decoder, converted with `mimkit convert dalle "
+               "--trust-pickle decoder.pkl decoder.safetensors`")  # fmt: skip
+    q.add_argument("--decoder", help=decoder)
+    q.add_argument("--seed", type=int, default=0, help="seed of the blockwise masks")
+    q.add_argument("--out", default="predictions.png", help="PNG path")
+
+
+def run_predictions(args: argparse.Namespace) -> int:
+    """Draw image | mask | true tokens decoded | predicted tokens decoded."""
+    from mimkit.tasks.visualize import visualize_predictions
+
+    path = visualize_predictions(
+        args.checkpoint,
+        paths=args.images,
+        fashion_mnist=args.fashion_mnist,
+        tokenizer=args.tokenizer,
+        decoder=args.decoder,
+        seed=args.seed,
+        out=args.out,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def run_attention(args: argparse.Namespace) -> int:
     """Draw the attention of the reference patches, one PNG per image."""
     from mimkit.tasks.visualize import visualize_attention
@@ -81,7 +108,7 @@ def run_reconstruction(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command(
         "visualize",
-        help="attention maps and MAE reconstructions as PNG",
+        help="attention maps, MAE reconstructions and BEiT predictions as PNG",
         description="Figures from checkpoints.",
         metavar="FIGURE",
         actions=(
@@ -102,6 +129,17 @@ COMMANDS = (
                 "checkpoints/ckpt-*).",
                 arguments=_reconstruction_args,
                 run=run_reconstruction,
+            ),
+            Command(
+                "predictions",
+                help="BEiT's visual-token predictions, decoded",
+                description="Image | blockwise mask | the tokenizer's tokens decoded | the "
+                "tokens a BEiT checkpoint predicts at the masked positions, decoded (visible "
+                "positions keep their true tokens), with the run's own tokenizer or --tokenizer; "
+                "a DALL-E tokenizer needs its converted decoder (--decoder). CHECKPOINT: a BEiT "
+                "pretraining run directory or its checkpoints/ckpt-*.",
+                arguments=_predictions_args,
+                run=run_predictions,
             ),
         ),
     ),

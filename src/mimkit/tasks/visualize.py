@@ -1,4 +1,5 @@
-"""``mimkit visualize``: attention maps (BEiT Figure 3) and MAE reconstructions from checkpoints."""
+"""``mimkit visualize``: attention maps (BEiT Figure 3), MAE reconstructions and BEiT's token
+predictions from checkpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ from mimkit.models.mae import from_official_layout
 from mimkit.tasks.downstream import load_encoder
 from mimkit.viz import save_attention_figure, save_reconstruction_figure
 
-__all__ = ["load_images", "visualize_attention", "visualize_reconstruction"]
+__all__ = [
+    "load_images",
+    "visualize_attention",
+    "visualize_predictions",
+    "visualize_reconstruction",
+]
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -113,6 +119,8 @@ def visualize_reconstruction(
             raise ConfigError(f"{checkpoint}: no checkpoint with the MAE decoder in checkpoints/")
         file = latest / "model.safetensors"
     state, meta = load_weights(file)
+    if meta.get("target") == "visual_tokens":
+        raise ConfigError(f"{file}: an MAE that predicts visual tokens reconstructs no pixels")
     if meta.get("method") != "mae" or not any(k.startswith("decoder_") for k in state):
         raise ConfigError(
             f"{file}: reconstructions need an MAE checkpoint with its decoder (a pretraining "
@@ -128,6 +136,7 @@ def visualize_reconstruction(
         build_encoder(m), decoder_embed_dim=dec["embed_dim"], decoder_depth=dec["depth"],
         decoder_num_heads=dec["num_heads"], mlp_ratio=m.mlp_ratio, mask_ratio=ratio,
         norm_pix_loss=meta.get("target") == "norm_pixels",
+        mask_token_in_encoder=m.mask_token_in_encoder,
     )  # fmt: skip
     model.load_state_dict(from_official_layout(state), strict=True)
     model.eval()
@@ -139,3 +148,112 @@ def visualize_reconstruction(
         model, x, out, mean=mean, std=std, seed=seed,
         title=f"MAE reconstructions (mask ratio {ratio}, step {meta.get('step', '?')})",
     )  # fmt: skip
+
+
+def _beit_checkpoint(checkpoint: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The full BEiT pretraining checkpoint (with ``lm_head``) ``checkpoint`` stands for."""
+    file = find_checkpoint(checkpoint)
+    if file.name == "encoder.safetensors":  # a run directory: its newest full checkpoint
+        from mimkit.weights import latest_checkpoint
+
+        latest = latest_checkpoint(file.parent / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"{checkpoint}: no checkpoint with the MIM head in checkpoints/")
+        file = latest / "model.safetensors"
+    state, meta = load_weights(file)
+    if meta.get("method") != "beit" or "lm_head.weight" not in state:
+        raise ConfigError(
+            f"{file}: predictions need a BEiT pretraining checkpoint with its MIM head (a run "
+            "directory or its checkpoints/ckpt-*)"
+        )
+    if meta.get("target") != "visual_tokens":
+        raise ConfigError(f"{file}: a BEiT that regresses pixels predicts no visual tokens")
+    return file, state, meta
+
+
+def visualize_predictions(
+    checkpoint: str,
+    *,
+    paths: list[str] = (),
+    fashion_mnist: list[int] = (),
+    tokenizer: str | None = None,
+    decoder: str | None = None,
+    seed: int = 0,
+    out: str | Path = "predictions.png",
+) -> Path:
+    """Image | mask | the true visual tokens decoded | the tokens the BEiT predicts where masked,
+    decoded (BEiT's MIM, seen): for a BEiT pretraining checkpoint and its tokenizer.
+
+    ``tokenizer``: default, the one the run recorded. A mimkit dVAE decodes itself; the DALL-E
+    tokenizer's decoder is a file of its own (``decoder``: ``mimkit convert dalle`` of
+    ``decoder.pkl``). Masks are blockwise with the pretraining's count, seeded by ``seed``.
+    """
+    from mimkit.data import BEiTTransform
+    from mimkit.masking import MaskSampler, mask_from_bool
+    from mimkit.models.beit import BEiT
+    from mimkit.models.dalle import load_dalle_decoder
+    from mimkit.models.tokenizer_io import load_tokenizer
+    from mimkit.viz import save_grid
+
+    file, state, meta = _beit_checkpoint(checkpoint)
+    tok_path = tokenizer or (meta.get("tokenizer") or {}).get("checkpoint")
+    if not tok_path or not Path(tok_path).is_file():
+        raise ConfigError(
+            f"{file}: its tokenizer {tok_path!r} is not there: give --tokenizer PATH (the "
+            "tokenizer .safetensors the run used)"
+        )
+    tok, tok_meta = load_tokenizer(tok_path)
+    if tok_meta["vocab_size"] != meta.get("vocab_size"):
+        raise ConfigError(
+            f"--tokenizer {tok_path}: {tok_meta['vocab_size']} tokens, the BEiT predicts "
+            f"{meta.get('vocab_size')}"
+        )
+    if tok_meta["kind"] == "dvae":  # mimkit's dVAE decodes its own tokens
+        decode = tok.decode
+    elif decoder is None:
+        raise ConfigError(
+            "the DALL-E tokenizer decodes with a file of its own: convert decoder.pkl with "
+            "`mimkit convert dalle --trust-pickle decoder.pkl decoder.safetensors` and give "
+            "--decoder decoder.safetensors"
+        )
+    else:
+        decode = load_dalle_decoder(decoder).decode
+    m = ModelConfig(**{k: v for k, v in meta["model_config"].items() if k != "decoder"})
+    model = BEiT(build_encoder(m), vocab_size=meta["vocab_size"])
+    keyed = {(k if k.startswith("lm_head") else f"encoder.{k}"): v for k, v in state.items()}
+    model.load_state_dict(keyed, strict=True)
+    model.eval()
+    grid = (m.img_size // m.patch_size,) * 2
+    n = grid[0] * grid[1]
+    num_masked = int(meta.get("num_masked") or round(float(meta.get("mask_ratio", 0.4)) * n))
+    sampler = MaskSampler("blockwise", grid, num_masked)
+    mean, std = meta.get("mean") or [0.5] * m.in_chans, meta.get("std") or [0.5] * m.in_chans
+    tf = BEiTTransform(m.img_size, grid[0] * int(tok_meta["downsample"]), mean, std,
+                       mask_fn=sampler, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                       color_jitter=0.0)  # fmt: skip
+    images = load_images(list(paths), list(fashion_mnist), channels=m.in_chans)
+    views = [tf(img, torch.Generator().manual_seed(seed + i)) for i, img in enumerate(images)]
+    imgs = torch.stack([v[0] for v in views])
+    mask = torch.stack([v[2] for v in views])  # (B, N) True = masked
+    with torch.no_grad():
+        ids = tok.encode(torch.stack([v[1] for v in views])).flatten(1)  # (B, N)
+        pred = model(imgs, mask_from_bool(mask, num_masked=num_masked))
+        pred_ids = ids.clone()
+        pred_ids[pred.positions] = pred.pred.argmax(-1)
+        pred_ids[~mask] = ids[~mask]  # visible positions keep their true tokens (the paper's)
+        acc = float((pred_ids[mask] == ids[mask]).float().mean())
+        p = m.patch_size
+        pixels = imgs * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        hidden = mask.view(-1, 1, *grid).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        columns = {
+            "image": pixels.clamp(0, 1),
+            "mask": torch.where(hidden, torch.full_like(pixels, float("nan")), pixels),
+            "true tokens, decoded": decode(ids.view(-1, *grid)),
+            "predicted at masked": decode(pred_ids.view(-1, *grid)),
+        }
+    step, kind = meta.get("step", "?"), tok_meta["kind"]
+    title = (
+        f"BEiT predictions ({num_masked} of {n} patches masked, {100 * acc:.0f}% of the masked "
+        f"tokens right; step {step}, {kind} tokenizer)"
+    )
+    return save_grid(columns, out, title=title)
