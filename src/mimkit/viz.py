@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,7 @@ __all__ = [
     "save_beit_figure",
     "save_curves",
     "save_detection_figure",
+    "save_eval_curves",
     "save_grid",
     "save_reconstruction_figure",
     "save_segmentation_figure",
@@ -104,7 +106,9 @@ def save_grid(
         for i in range(rows):
             ax = axes[i][j]
             pic = batch[i].detach().cpu().float()
-            pic = pic.permute(1, 2, 0).expand(-1, -1, 3) if pic.ndim == 3 else pic
+            if pic.ndim == 3:  # 1 band: gray; 3: RGB; others: the first three as false colour
+                pic = pic[:3] if pic.shape[0] >= 3 else pic[:1]
+                pic = pic.permute(1, 2, 0).expand(-1, -1, 3)
             if pic.ndim == 2:  # a map of token ids
                 ax.imshow(pic.numpy(), cmap="tab20", interpolation="nearest")
             else:
@@ -280,6 +284,25 @@ def save_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path, title, fontsize=11)
+
+
+def save_eval_curves(
+    run_dir: str | Path, name: str, *, metric: str, title: str, label: str
+) -> Path | None:
+    """``figures/<name>_curves.png`` from ``metrics.jsonl``: the training loss and an evaluation
+    metric against the optimizer step; None when no evaluation logged ``metric``."""
+    train, evals = [], []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            train.append((rec["step"], rec["loss"]))
+        elif rec.get("kind") == "eval" and metric in rec:
+            evals.append((rec["step"], rec[metric]))
+    if not evals:
+        return None
+    panels = {"training loss": {"train": train}, title: {label: evals}}
+    path = Path(run_dir) / "figures" / f"{name}_curves.png"
+    return save_curves(panels, path, xlabel="optimizer step")
 
 
 def _palette(num_classes: int) -> torch.Tensor:

@@ -284,6 +284,10 @@ class FinetuneConfig:
                 fail(f"aug.{key}", getattr(a, key), "must be >= 0 (0 disables)")
         if not 0 <= a.smoothing < 1:
             fail("aug.smoothing", a.smoothing, "must be in [0, 1)")
+        if a.rand_augment is not None and self.model.in_chans not in (1, 3):
+            fail("aug.rand_augment", a.rand_augment,
+                 f"null for {self.model.in_chans} channels (RandAugment works on grayscale and "
+                 "RGB images)")  # fmt: skip
         if a.rand_augment is not None:
             from timm.data.auto_augment import rand_augment_transform
 

@@ -125,7 +125,8 @@ class TargetConfig:
 class TokenizerRef:
     checkpoint: str | None = None  # a tokenizer .safetensors (mimkit tokenizer train / convert)
     img_size: int | None = None  # the tokenizer view; null: what the tokenizer was trained on
-    color_jitter: float = 0.4  # applied to both views (BEiT), brightness/contrast for grayscale
+    # applied to both views (BEiT), brightness/contrast for grayscale; 0 for other channel counts
+    color_jitter: float = 0.4
     cache: bool = False  # precompute the visual tokens once; needs fixed views (no augmentation)
 
 
@@ -284,8 +285,6 @@ def validate(cfg: PretrainConfig) -> None:
         fail("model.img_size", m.img_size, f"must be divisible by model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
         fail("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
-    if m.in_chans not in (1, 3):
-        fail("model.in_chans", m.in_chans, "1 (grayscale) or 3 (RGB)")
     positive("model.mlp_ratio", m.mlp_ratio)
     if not 0 <= m.drop_path < 1:
         fail("model.drop_path", m.drop_path, "must be in [0, 1)")
@@ -356,6 +355,9 @@ def _validate_masking(cfg: PretrainConfig) -> None:
         positive("tokenizer.img_size", tok.img_size)
     if not 0 <= tok.color_jitter < 1:
         fail("tokenizer.color_jitter", tok.color_jitter, "must be in [0, 1)")
+    if m.method == "beit" and tok.color_jitter > 0 and m.in_chans not in (1, 3):
+        why = f"0 for {m.in_chans} channels (colour jitter is defined for grayscale and RGB)"
+        fail("tokenizer.color_jitter", tok.color_jitter, why)
     if tok.cache:
         d = cfg.data
         fixed = list(d.crop_scale) == [1.0, 1.0] and d.hflip == 0 and tok.color_jitter == 0
@@ -383,7 +385,7 @@ def _validate_shards(cfg: PretrainConfig) -> None:
         fail("tokenizer.cache", True, "not with data.name=shards (it needs indexable data)")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
 
 
 def has_images(root: str | Path, *, max_dirs: int = 2000) -> bool:

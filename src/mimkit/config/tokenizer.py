@@ -65,8 +65,7 @@ class TokenizerConfig:
         tk, loss = self.tokenizer, self.loss
         for key in ("img_size", "vocab_size", "hidden_dim", "codebook_dim", "downsample"):
             positive(f"tokenizer.{key}", getattr(tk, key))
-        if tk.in_chans not in (1, 3):
-            fail("tokenizer.in_chans", tk.in_chans, "1 (grayscale) or 3 (RGB)")
+        positive("tokenizer.in_chans", tk.in_chans)
         if tk.downsample < 2 or tk.downsample & (tk.downsample - 1):
             fail("tokenizer.downsample", tk.downsample, "a power of two >= 2")
         if tk.img_size % tk.downsample:

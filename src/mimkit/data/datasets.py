@@ -175,9 +175,11 @@ class BadImagePolicy:
 class ImageFolder(Dataset):
     """Images in a flat folder (unlabeled, label -1) or in class subfolders (labels by sorted name).
 
-    Every image is converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels). An image
-    that cannot be decoded is handled by ``policy`` (:class:`BadImagePolicy`: by default skipped,
-    replaced by the next good one, and counted).
+    Every image is converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels); other
+    channel counts come from ``.npy`` arrays or multi-band TIFFs (:func:`load_image`), normalized
+    by ``data.mean`` / ``data.std`` (0.5 / 0.5 by default). An image that cannot be decoded is
+    handled by ``policy`` (:class:`BadImagePolicy`: by default skipped, replaced by the next good
+    one, and counted).
     """
 
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet statistics, the field's default
@@ -194,8 +196,8 @@ class ImageFolder(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         self.classes = tuple(p.name for p in subdirs)
         samples: list[tuple[Path, int]] = [(p, -1) for p in _images_in(root, recursive=False)]
@@ -206,8 +208,8 @@ class ImageFolder(Dataset):
         self.samples = samples[:max_samples] if max_samples else samples
         self.channels = channels
         self.policy = policy or BadImagePolicy()
-        if channels == 1:
-            self.mean, self.std = (0.5,), (0.5,)
+        if channels != 3:  # no field-wide statistics: give data.mean / data.std
+            self.mean, self.std = (0.5,) * channels, (0.5,) * channels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,16 +242,70 @@ def _to_uint8(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(source: str | Path | BinaryIO, *, channels: int) -> torch.Tensor:
-    """Decode one image file (a path or a binary file object) to uint8 (C, H, W).
+def _array_image(arr: np.ndarray, channels: int) -> torch.Tensor:
+    """A (H, W), (C, H, W) or (H, W, C) array of ``channels`` bands -> (C, H, W): uint8 kept,
+    other integers scaled by their type's maximum to float32 in [0, 1], floats kept as they are
+    (the normalization's mean and std say what they mean)."""
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise BadImageError(f"an array image must be 2-D or 3-D, got shape {arr.shape}")
+    if arr.shape[0] != channels and arr.shape[-1] == channels:
+        arr = np.moveaxis(arr, -1, 0)  # (H, W, C) -> (C, H, W)
+    if arr.shape[0] != channels:
+        raise BadImageError(f"{arr.shape} holds no {channels} bands (model.in_chans={channels})")
+    if arr.shape[1] * arr.shape[2] > MAX_IMAGE_PIXELS:
+        raise BadImageError(f"{arr.shape[2]}x{arr.shape[1]} pixels, more than {MAX_IMAGE_PIXELS}")
+    if arr.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.dtype == np.bool_:
+        return torch.from_numpy(np.ascontiguousarray(arr).astype(np.uint8) * 255)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = float(np.iinfo(arr.dtype).max)
+        return torch.from_numpy((arr.astype(np.float32) / top).clip(0, None))
+    if np.issubdtype(arr.dtype, np.floating):
+        return torch.from_numpy(np.nan_to_num(arr.astype(np.float32)))
+    raise BadImageError(f"array images of dtype {arr.dtype} are not read")
+
+
+def _read_array(source: str | Path | BinaryIO, suffix: str) -> np.ndarray:
+    """The array of a ``.npy`` file (never unpickled) or a multi-page / multi-band TIFF."""
+    if suffix == ".npy":
+        return np.load(source, allow_pickle=False)
+    import tifffile  # multi-band TIFFs (satellite bands, microscopy stains), which Pillow lacks
+
+    try:
+        return tifffile.imread(source)
+    except (tifffile.TiffFileError, ValueError, KeyError) as err:
+        raise BadImageError(f"not a readable TIFF ({err})") from None
+
+
+def load_image(
+    source: str | Path | BinaryIO, *, channels: int, suffix: str | None = None
+) -> torch.Tensor:
+    """Decode one image file (a path or a binary file object) to (C, H, W): uint8, or float32
+    for arrays of other types.
 
     Only the raster formats of :data:`IMAGE_FORMATS` are tried, whatever the bytes claim to be
     (Pillow's EPS plugin, for one, would run Ghostscript). Images over
     :data:`MAX_IMAGE_PIXELS` are refused before decoding (decompression bombs). The EXIF
     orientation is applied; 16-bit images are scaled to 8 bits, not clipped; palette, CMYK,
     RGBA and the rest are converted explicitly to ``L`` (1 channel) or ``RGB`` (3 channels).
-    Undecodable or truncated data raises ``OSError``/``ValueError`` (:class:`BadImageError`).
+    Any other number of channels comes from a ``.npy`` array (read without pickle) or a
+    multi-page / multi-band TIFF, band by band (:func:`_array_image`). ``suffix``: the file's
+    extension when ``source`` is a file object. Undecodable or truncated data raises
+    ``OSError``/``ValueError`` (:class:`BadImageError`).
     """
+    if suffix is None:
+        suffix = Path(source).suffix if isinstance(source, (str, Path)) else ""
+    suffix = suffix.lower() if suffix.startswith(".") or not suffix else f".{suffix.lower()}"
+    if suffix == ".npy" or (suffix in (".tif", ".tiff") and channels not in (1, 3)):
+        return _array_image(_read_array(source, suffix), channels)
+    if channels not in (1, 3):
+        raise BadImageError(
+            f"{channels}-channel images are read from .npy arrays or multi-band TIFFs, "
+            f"not {suffix or 'this format'}"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's palette-transparency and EXIF notices
         try:
@@ -290,7 +346,7 @@ class SyntheticImages(Dataset):
 
     def __init__(self, size: int = 256, *, img_size: int = 32, channels: int = 3, seed: int = 0):
         self.size, self.img_size, self.channels, self.seed = size, img_size, channels, seed
-        self.mean, self.std = self.mean[:channels], self.std[:channels]
+        self.mean, self.std = (0.5,) * channels, (0.25,) * channels
 
     def __len__(self) -> int:
         return self.size

@@ -304,7 +304,7 @@ def _decode(rec: _Record, channels: int) -> tuple[torch.Tensor, int]:
     if ext is None:
         raise _BadSample("no_image", "no image member")
     try:
-        img = load_image(io.BytesIO(rec.members[ext]), channels=channels)
+        img = load_image(io.BytesIO(rec.members[ext]), channels=channels, suffix=ext)
     except Exception as err:  # untrusted bytes: Pillow raises many types
         raise _BadSample("corrupt", f"{rec.key}.{ext}: {type(err).__name__}: {err}") from None
     raw = next((rec.members[e] for e in LABEL_EXTS if e in rec.members), None)

@@ -174,11 +174,16 @@ class BEiTTransform:
             x, top, left, h, w, [self.img_size, self.img_size],
             interpolation=InterpolationMode.BICUBIC, antialias=True,
         ).clamp(0, 1)  # fmt: skip
-        # the tokenizer view is resized with Lanczos on a PIL image, as the official code
-        pil = TF.to_pil_image((x * 255).round().to(torch.uint8))
         size = [self.tokenizer_size, self.tokenizer_size]
-        tok = TF.resized_crop(pil, top, left, h, w, size, interpolation=InterpolationMode.LANCZOS)
-        tok = TF.to_dtype(TF.pil_to_tensor(tok), torch.float32, scale=True)  # (C, T, T) in [0, 1]
+        if x.shape[0] in (1, 3):  # resized with Lanczos on a PIL image, as the official code
+            pil = TF.to_pil_image((x * 255).round().to(torch.uint8))
+            lanczos = InterpolationMode.LANCZOS
+            tok = TF.resized_crop(pil, top, left, h, w, size, interpolation=lanczos)
+            tok = TF.to_dtype(TF.pil_to_tensor(tok), torch.float32, scale=True)  # (C, T, T)
+        else:  # other channel counts have no PIL mode: bicubic on the tensor
+            bicubic = InterpolationMode.BICUBIC
+            tok = TF.resized_crop(x, top, left, h, w, size, interpolation=bicubic, antialias=True)
+            tok = tok.clamp(0, 1)
         return TF.normalize(patch, self.mean, self.std), tok, self.mask_fn(generator)
 
 

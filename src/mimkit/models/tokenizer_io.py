@@ -28,6 +28,11 @@ class DalleTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] not in (1, 3):
+            raise ConfigError(
+                f"the DALL-E tokenizer reads grayscale or RGB images, not {images.shape[1]} "
+                "channels: train a dVAE on your data (`mimkit tokenizer train`)"
+            )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return self.encoder.encode(map_pixels(images))  # (B, h, w), logit-Laplace input
