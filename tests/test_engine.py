@@ -142,7 +142,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
-    from mimkit.engine.trainer import StepOutput
+    from mimkit.engine.task import StepOutput
 
     torch.manual_seed(0)
     model = build_mae(tiny_cfg)

@@ -1,11 +1,7 @@
-"""The training loop. It knows a small task protocol, never the method.
+"""The training loop. It knows the task protocol (:mod:`mimkit.engine.task`), never the method.
 
-A task provides ``model`` (an nn.Module), ``step(batch) -> StepOutput`` (loss and logs),
-``weights()`` / ``load_weights()`` (what a checkpoint holds) and ``metadata()`` (provenance); it
-may have a ``name`` (the progress bar's label), ``on_step(step, total_steps, steps_per_epoch)``
-(called before every micro-step, for step-dependent schedules) and ``after_step(step)`` (called
-after every optimizer step, e.g. for a weight EMA). Everything else (optimizer,
-schedule, accumulation, clipping, precision, logging, checkpoints, resume) lives here.
+Everything else lives here: optimizer, schedule, accumulation, clipping, precision, logging,
+checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -18,10 +14,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
@@ -41,23 +36,10 @@ from mimkit.engine.distributed import (
 )
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer, schedule_lr, set_lr
+from mimkit.engine.task import Task
 from mimkit.models.attention import set_attention
 
-__all__ = ["NonFiniteLossError", "StepOutput", "Task", "TrainResult", "Trainer"]
-
-
-class StepOutput(NamedTuple):
-    loss: torch.Tensor  # scalar, what is differentiated
-    logs: dict[str, torch.Tensor]  # scalars to log (detached)
-
-
-class Task(Protocol):
-    model: nn.Module
-
-    def step(self, batch: Any) -> StepOutput: ...
-    def weights(self) -> dict[str, torch.Tensor]: ...
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None: ...
-    def metadata(self) -> dict[str, Any]: ...
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -340,7 +322,7 @@ class Trainer:
         bar = tqdm(
             total=self.max_steps,
             initial=self.step,
-            desc=getattr(self.task, "name", "train"),
+            desc=self.task.name,
             disable=not interactive,
             dynamic_ncols=True,
             mininterval=1.0,
@@ -348,7 +330,7 @@ class Trainer:
         if show and not interactive:  # the first step's line may be a while away (workers)
             batch = self.cfg.batch_size * self.optim_cfg.accum_steps * world_size()
             print(
-                f"{getattr(self.task, 'name', 'train')}: steps {self.step + 1}-{self.max_steps} "
+                f"{self.task.name}: steps {self.step + 1}-{self.max_steps} "
                 f"({self.steps_per_epoch} per epoch), {batch} images per step"
                 + (f" ({world_size()} processes)" if world_size() > 1 else "")
                 + f", {self.cfg.precision}",
@@ -369,8 +351,7 @@ class Trainer:
             for batch in self._in_step(batches):
                 if self.batch_in_epoch >= self.steps_per_epoch * accum:
                     break  # a partial accumulation at the end of an epoch is dropped
-                if hasattr(self.task, "on_step"):
-                    self.task.on_step(self.step, self.total_steps, self.steps_per_epoch)
+                self.task.on_step(self.step, self.total_steps, self.steps_per_epoch)
                 with self._micro_step(sync=(self.batch_in_epoch + 1) % accum == 0):
                     with torch.autocast(self.device.type, self.amp_dtype, enabled=self.autocast):
                         out = self.task.step(batch)
@@ -507,6 +488,5 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if hasattr(self.task, "after_step"):
-            self.task.after_step(self.step)
+        self.task.after_step(self.step)
         return lr

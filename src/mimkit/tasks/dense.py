@@ -23,6 +23,7 @@ from mimkit.config.dense import DenseDataConfig, DetectConfig, SegmentConfig
 from mimkit.data.dense import CocoDetection, FashionMosaic, SegmentationFolder
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
+from mimkit.engine.task import TaskHooks
 from mimkit.engine.trainer import Trainer, TrainResult
 from mimkit.tasks.downstream import LoadedEncoder, downstream_provenance, load_encoder
 
@@ -48,7 +49,7 @@ class DenseData:
     ignore_index: int
 
 
-class DenseTask:
+class DenseTask(TaskHooks):
     """What the segment and detect tasks share for the trainer: the model's own state dict as the
     checkpoint, provenance metadata, and a per-step callback (periodic evaluation). Subclasses
     give ``name`` and ``step``."""

@@ -21,7 +21,7 @@ from mimkit.config.dense import DetectConfig
 from mimkit.data.dense_transforms import DenseView, DetectTransform, detection_collate
 from mimkit.engine.distributed import sync_batchnorm
 from mimkit.engine.rundir import prepare_run, record_resolved
-from mimkit.engine.trainer import StepOutput
+from mimkit.engine.task import StepOutput
 from mimkit.models.detection import Detector, build_detector
 from mimkit.tasks.dense import (
     DenseResult,

@@ -31,7 +31,8 @@ from mimkit.data.transforms import seeded_globals
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run, record_resolved
-from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
+from mimkit.engine.task import StepOutput, TaskHooks
+from mimkit.engine.trainer import Trainer, TrainResult
 from mimkit.models.heads import Classifier
 from mimkit.tasks.downstream import (
     classify_data,
@@ -44,7 +45,7 @@ from mimkit.tasks.downstream import (
 __all__ = ["FinetuneResult", "FinetuneTask", "build_classifier", "run_finetune"]
 
 
-class FinetuneTask:
+class FinetuneTask(TaskHooks):
     """The trainer's task: (images, labels) -> (soft-target) cross-entropy."""
 
     name = "finetune"

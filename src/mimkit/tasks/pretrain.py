@@ -27,7 +27,8 @@ from mimkit.data.shards import ShardStream
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run, record_resolved
-from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
+from mimkit.engine.task import StepOutput, TaskHooks
+from mimkit.engine.trainer import Trainer, TrainResult
 from mimkit.masking import MaskSampler, mask_from_bool, num_visible
 from mimkit.models import build_beit, build_encoder, build_mae
 from mimkit.models.beit import BEiT, mim_pixel_loss, mim_token_loss
@@ -40,7 +41,7 @@ from mimkit.viz import save_beit_figure, save_reconstruction_figure
 __all__ = ["BEiTPretrainTask", "MAEPretrainTask", "PretrainResult", "run_pretrain"]
 
 
-class BEiTPretrainTask:
+class BEiTPretrainTask(TaskHooks):
     """The trainer's task for BEiT: (patch view, tokenizer view, mask) -> MIM loss.
 
     With visual-token targets, the frozen tokenizer runs without gradients inside the step.
@@ -134,7 +135,7 @@ class TokenCache(torch.utils.data.Dataset):
         return (img, self.ids[i % len(self.ids)], mask), label
 
 
-class MAEPretrainTask:
+class MAEPretrainTask(TaskHooks):
     """The trainer's task for MAE: batch -> masked-pixel loss."""
 
     name = "pretrain"

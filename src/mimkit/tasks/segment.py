@@ -23,7 +23,7 @@ from mimkit.config.dense import SegmentConfig
 from mimkit.data.dense_transforms import DenseView, SegmentTransform, segmentation_collate
 from mimkit.engine.distributed import sync_batchnorm
 from mimkit.engine.rundir import prepare_run, record_resolved
-from mimkit.engine.trainer import StepOutput
+from mimkit.engine.task import StepOutput
 from mimkit.models.segmentation import Segmenter, slide_inference, whole_inference
 from mimkit.tasks.dense import (
     DenseResult,

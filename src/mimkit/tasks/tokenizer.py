@@ -22,7 +22,8 @@ from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, PretrainTrans
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run
-from mimkit.engine.trainer import StepOutput, Trainer, TrainResult
+from mimkit.engine.task import StepOutput, TaskHooks
+from mimkit.engine.trainer import Trainer, TrainResult
 from mimkit.models.tokenizer import (
     DiscreteVAE,
     codebook_usage,
@@ -61,7 +62,7 @@ def dvae_metadata(cfg: TokenizerConfig) -> dict[str, Any]:
     }
 
 
-class TokenizerTask:
+class TokenizerTask(TaskHooks):
     """The trainer's task: Gumbel-softmax dVAE, reconstruction + KL to the uniform prior."""
 
     name = "tokenizer"
