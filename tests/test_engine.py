@@ -202,3 +202,52 @@ def test_progress_says_how_far_a_phase_is_when_not_on_a_terminal(capsys):
     assert lines[-1].startswith("k-NN: test features: done, 3 batches in")
     assert list(progress(iter([1]), desc="quick")) == [1]  # a short phase stays quiet
     assert capsys.readouterr().out == ""
+
+
+# ---- the evaluation hook ----
+
+
+def _evaluator(tmp_path, scores, **spec):
+    from mimkit.engine.evaluation import Evaluation, Evaluator
+
+    it, logged = iter(scores), []
+    evaluation = Evaluation(evaluate=lambda model: next(it), **spec)
+    return Evaluator(evaluation, tmp_path, lambda rec, step: logged.append(step)), logged
+
+
+def test_evaluation_cadence_by_epochs_and_steps(tmp_path):
+    ev, _ = _evaluator(tmp_path, [], metric="top1", every_epochs=2, every_steps=3)
+    assert [e for e in range(1, 6) if ev.due_after_epoch(e, final=False)] == [2, 4]
+    assert ev.due_after_epoch(5, final=True)
+    # the last step is the last epoch's evaluation
+    assert [s for s in range(1, 10) if ev.due_after_step(s, total_steps=9)] == [3, 6]
+
+
+def test_evaluation_keeps_last_and_best_and_chooses_the_best_again_on_resume(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    scores = [{"loss": 2.0}, {"loss": None}, {"loss": 1.0}, {"loss": 1.0}, {"loss": 9.0}]
+    ev, logged = _evaluator(tmp_path, scores, metric="loss", mode="min")
+    for step in (1, 2, 3, 4, 4):  # the second evaluation of step 4 is not done
+        ev.run(model, step=step, epoch=step, metadata={"kind": "test"})
+    assert logged == [1, 2, 3, 4]
+    # lower is better, a missing score never wins, a tie keeps the earlier
+    assert ev.best == {"step": 3, "epoch": 3, "loss": 1.0}
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == {"history": ev.history, "best": ev.best} and len(saved["history"]) == 4
+    assert ckpt.read_metadata(tmp_path / "model_best.safetensors")["step"] == 3
+    assert ckpt.read_metadata(tmp_path / "model_last.safetensors")["step"] == 4
+    resumed, _ = _evaluator(tmp_path, [], metric="loss", mode="min")
+    resumed.restore(2)  # the checkpoint of step 2: later evaluations are done again
+    assert [h["step"] for h in resumed.history] == [1, 2] and resumed.best["step"] == 1
+
+
+def test_evaluation_chooses_between_the_model_and_its_ema(tmp_path):
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    scores = [{"top1": 50.0, "top5": 90.0, "ema_top1": 60.0, "ema_top5": 95.0}]
+    ev, _ = _evaluator(tmp_path, scores, metric="top1", rivals={"ema": ema},
+                       best_keys=("top5",), info={"selection": "val"})  # fmt: skip
+    ev.run(model, step=8, epoch=1, metadata={})
+    assert ev.best == {"epoch": 1, "step": 8, "top1": 60.0, "which": "ema", "top5": 95.0}
+    best, meta = ckpt.load_weights(tmp_path / "model_best.safetensors")
+    assert meta["which"] == "ema" and torch.equal(best["weight"], ema.weight.detach())
+    assert json.loads((tmp_path / "eval.json").read_text())["selection"] == "val"
