@@ -1,7 +1,7 @@
 """The training loop. It knows the task protocol (:mod:`mimkit.engine.task`), never the method.
 
 Everything else lives here: optimizer, schedule, accumulation, clipping, precision, logging,
-checkpoints and resume.
+checkpoints, resume, and the run's declared :class:`~mimkit.engine.evaluation.Evaluation`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mimkit.engine.distributed import (
     rank,
     world_size,
 )
+from mimkit.engine.evaluation import Evaluation, Evaluator
 from mimkit.engine.logging import MetricsLogger
 from mimkit.engine.optim import build_optimizer, schedule_lr, set_lr
 from mimkit.engine.task import Task
@@ -53,6 +54,8 @@ class TrainResult:
     loss: float
     stopped_early: bool  # stopped by train.max_steps before the last epoch
     history: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)  # eval.json's history (rank 0)
+    best: dict | None = None  # eval.json's best (rank 0)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -75,6 +78,9 @@ class Trainer:
     and ``batches_per_epoch(batch_size, num_workers)``, such as
     :class:`~mimkit.data.shards.ShardStream`): it splits itself over ranks and loader workers;
     a resumed epoch re-reads the stream and drops the batches already trained on.
+
+    ``evaluation`` scores the model while it trains (rank 0, with the full weights);
+    ``on_epoch_end(epoch, final)`` is called on rank 0 after every epoch (e.g. figures).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class Trainer:
         device: torch.device,
         seed: int,
         num_workers: int = 0,
+        evaluation: Evaluation | None = None,
         on_epoch_end: Callable[[int, bool], None] | None = None,
         collate_fn: Callable | None = None,
     ) -> None:
@@ -150,6 +157,10 @@ class Trainer:
         self.amp_skipped_steps = 0  # fp16 steps skipped by the GradScaler (overflow)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.logger = MetricsLogger(self.run_dir)
+        self.evaluator = None
+        if evaluation is not None:
+            self.evaluator = Evaluator(evaluation, self.run_dir, self._log_eval)
+        self._resumed = False
         self.ckpt_root = self.run_dir / "checkpoints"
         self._saved_step = -1
         self._compiled = False
@@ -271,6 +282,9 @@ class Trainer:
         _set_rng_state(rng[rank()] if isinstance(rng, list) else rng)
         self._saved_step = self.step
         self.logger.resume_at(self.step)
+        if self.evaluator is not None and is_main():
+            self.evaluator.restore(self.step)
+        self._resumed = True
         return True
 
     def _in_step(self, batches: Iterable[Any]) -> Iterator[Any]:
@@ -318,6 +332,8 @@ class Trainer:
         model, cfg, accum = self.task.model, self.cfg, self.optim_cfg.accum_steps
         model.train()
         show = is_main()
+        if self.evaluator is not None and show and not self._resumed:
+            self.evaluator.reset()
         interactive = show and sys.stderr.isatty()  # a progress bar on a terminal, lines otherwise
         bar = tqdm(
             total=self.max_steps,
@@ -363,6 +379,9 @@ class Trainer:
                 if self.batch_in_epoch % accum:
                     continue
                 lr = self._optimizer_step(loss_sum / accum)
+                ev = self.evaluator
+                if ev is not None and ev.due_after_step(self.step, total_steps=self.total_steps):
+                    self._evaluate(round(self.step / self.steps_per_epoch, 3))
                 # all ranks' batches; read on the host only when logged (a device sync)
                 loss_mean = mean_across_ranks(loss_sum) / accum
                 loss_sum.zero_()
@@ -413,10 +432,7 @@ class Trainer:
                 final = self.epoch >= self.num_epochs or done
                 if final or self.epoch % cfg.ckpt_every_epochs == 0:
                     self.save()
-                if self.on_epoch_end is not None:
-                    with self.full_model():
-                        if show:
-                            self.on_epoch_end(self.epoch, final)
+                self._epoch_end(final)
         bar.close()
         if loss_mean is not None:
             last_loss = float(loss_mean)
@@ -424,12 +440,39 @@ class Trainer:
         stopped_early = self.epoch < self.num_epochs and self.step < self.total_steps
         if stopped_early:
             self.save()  # stopped by max_steps: keep the exact place to resume from
+            if self.evaluator is not None:
+                self._evaluate(self.epoch)
         if self.fsdp is not None:
             replica = self.fsdp.gather(self.step)
             if replica is not None:
                 self.task.model = replica
         self.logger.close()
-        return TrainResult(self.step, self.epoch, last_loss, stopped_early, history)
+        ev = self.evaluator
+        evaluations, best = (ev.history, ev.best) if ev is not None else ([], None)
+        return TrainResult(
+            self.step, self.epoch, last_loss, stopped_early, history, evaluations, best
+        )
+
+    def _log_eval(self, record: dict[str, Any], step: int) -> None:
+        self.logger.log(record, step=step, prefix="eval")
+
+    def _evaluate(self, epoch: float) -> None:
+        """The evaluation, on rank 0 with the full weights; every rank enters (FSDP gathers)."""
+        with self.full_model():
+            if is_main():
+                meta = self.task.metadata()
+                self.evaluator.run(self.task.model, step=self.step, epoch=epoch, metadata=meta)
+
+    def _epoch_end(self, final: bool) -> None:
+        """After an epoch's checkpoint: its evaluation when one is due, then ``on_epoch_end`` on
+        rank 0 with the full weights; every rank enters."""
+        ev = self.evaluator
+        if ev is not None and ev.due_after_epoch(self.epoch, final=final):
+            self._evaluate(self.epoch)
+        if self.on_epoch_end is not None:
+            with self.full_model():
+                if is_main():
+                    self.on_epoch_end(self.epoch, final)
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
         """A non-finite loss or gradient norm: stop (``train.on_nonfinite=stop``), or skip this

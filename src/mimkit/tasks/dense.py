@@ -2,15 +2,14 @@
 
 The data (the Fashion-MNIST mosaic, ADE20K's folder layout, COCO annotations), the encoder loaded
 at the task's resolution (position embeddings and relative position tables interpolated, the final
-norm dropped since the heads read block outputs), and the loop around the trainer that evaluates
-every ``eval.every_epochs`` / ``eval.every_steps`` and keeps ``model_last`` and ``model_best``
-(by the task's primary metric: mIoU, box mAP) with their metrics in ``eval.json``.
+norm dropped since the heads read block outputs), and the training run: the trainer's evaluation
+every ``eval.every_epochs`` / ``eval.every_steps`` keeps ``model_last`` and ``model_best`` (by the
+task's primary metric: mIoU, box mAP) with their metrics in ``eval.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from torch.utils.data import Dataset, Subset
 from mimkit.config import ConfigError, to_dict
 from mimkit.config.dense import DenseDataConfig, DetectConfig, SegmentConfig
 from mimkit.data.dense import CocoDetection, FashionMosaic, SegmentationFolder
-from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
+from mimkit.engine.evaluation import BEST_FILE, LAST_FILE, Evaluation
 from mimkit.engine.task import TaskHooks
 from mimkit.engine.trainer import Trainer, TrainResult
 from mimkit.tasks.downstream import LoadedEncoder, downstream_provenance, load_encoder
@@ -51,17 +50,11 @@ class DenseData:
 
 class DenseTask(TaskHooks):
     """What the segment and detect tasks share for the trainer: the model's own state dict as the
-    checkpoint, provenance metadata, and a per-step callback (periodic evaluation). Subclasses
-    give ``name`` and ``step``."""
+    checkpoint and provenance metadata. Subclasses give ``name`` and ``step``."""
 
     def __init__(self, model: torch.nn.Module, *, metadata: dict[str, Any]) -> None:
         self.model, self._meta = model, metadata
         self.device = next(model.parameters()).device
-        self.step_callback: Callable[[int], None] | None = None
-
-    def after_step(self, step: int) -> None:
-        if self.step_callback is not None:
-            self.step_callback(step)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -173,51 +166,22 @@ def run_dense(
     run_dir: Path,
     device: torch.device,
     resume: bool,
-    task: Any,
+    task: DenseTask,
     train_view: Dataset,
-    collate_fn: Callable | None,
-    evaluate: Callable[[], dict[str, Any]],
+    collate_fn: Callable,
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]],
     primary: str,
     save_figure: Callable[[Path], None],
     notes: list[str],
 ) -> DenseResult:
-    """Train ``task``, evaluating with ``evaluate()`` (a metrics dict holding ``primary``)."""
-    eval_path = run_dir / "eval.json"
-    state: dict[str, Any] = {"history": [], "best": None}
-    if resume and eval_path.is_file():
-        saved = json.loads(eval_path.read_text())
-        state["history"], state["best"] = saved.get("history", []), saved.get("best")
-    best_path, last_path = run_dir / "model_best.safetensors", run_dir / "model_last.safetensors"
-    trainer: Trainer | None = None
-
-    def on_eval(epoch: float, final: bool) -> None:
-        if not (final or epoch % cfg.eval.every_epochs == 0):
-            return
-        step = trainer.step if trainer is not None else 0
-        if state["history"] and state["history"][-1]["step"] == step:
-            return  # already evaluated at this step
-        # evaluation must not consume the training RNG (exact resume: the checkpoint holds the
-        # RNG state from before an end-of-epoch evaluation)
-        with torch.random.fork_rng(devices=[]):
-            rec = {"epoch": epoch, **evaluate()}
-        scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
-        trainer.logger.log(scalars, step=step, prefix="eval")  # jsonl + TensorBoard
-        state["history"].append({"step": step, **rec})
-        meta = {**task.metadata(), "step": step, "epoch": epoch, primary: rec[primary]}
-        weights = task.weights()
-        ckpt.save_weights(last_path, weights, meta)
-        score = rec[primary] if rec[primary] is not None else float("-inf")  # e.g. no boxes
-        if state["best"] is None or score > (state["best"][primary] or float("-inf")):
-            state["best"] = {"step": step, **rec}
-            ckpt.save_weights(best_path, weights, meta)
-        eval_path.write_text(json.dumps(state, indent=2) + "\n")
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in scalars.items() if k != "epoch")
-        print(
-            f"eval epoch {epoch:g} (step {step}): {shown}; best {primary} "
-            f"{_fmt(state['best'][primary])} (epoch {state['best']['epoch']:g})",
-            flush=True,
-        )
-
+    """Train ``task``, scored by ``evaluate(model)`` (a metrics dict holding ``primary``) every
+    ``eval.every_epochs`` / ``eval.every_steps``; then its figure and the curves."""
+    evaluation = Evaluation(
+        evaluate=evaluate,
+        metric=primary,
+        every_epochs=cfg.eval.every_epochs,
+        every_steps=cfg.eval.every_steps,
+    )
     trainer = Trainer(
         task,
         train_view,
@@ -227,59 +191,31 @@ def run_dense(
         device=device,
         seed=cfg.run.seed,
         num_workers=cfg.data.num_workers,
-        on_epoch_end=on_eval,
+        evaluation=evaluation,
         collate_fn=collate_fn,
     )
-    if cfg.eval.every_steps and is_main():
-
-        def step_eval(step: int) -> None:
-            if step % cfg.eval.every_steps == 0 and step < trainer.total_steps:
-                on_eval(round(step / trainer.steps_per_epoch, 3), True)
-
-        task.step_callback = step_eval
     if is_main():
         for note in notes:
             print(f"{task.name}: {note}", flush=True)
     if resume:
         trainer.resume()
-        # evaluations after the checkpoint are redone: keep the history up to it
-        state["history"] = [h for h in state["history"] if h["step"] <= trainer.step]
-        scored = [h for h in state["history"] if h.get(primary) is not None]
-        state["best"] = max(scored, key=lambda h: h[primary]) if scored else None
     result = trainer.fit()
     if is_main():
-        if result.stopped_early:
-            on_eval(result.epoch, True)
+        from mimkit.viz import save_eval_curves
+
         save_figure(run_dir / "figures")
-        _curves(run_dir, task.name, primary)
-    hist = state["history"]
+        save_eval_curves(
+            run_dir, task.name, metric=primary, title=f"evaluation {primary}", label="eval"
+        )
+    best_path, last_path = run_dir / BEST_FILE, run_dir / LAST_FILE
+    hist = result.evaluations
     return DenseResult(
         run_dir,
         result,
-        state["best"] or {},
+        result.best or {},
         hist[-1] if hist else {},
         best_path if best_path.exists() else None,
         last_path if last_path.exists() else None,
         notes,
         hist,
     )
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-def _curves(run_dir: Path, name: str, primary: str) -> None:
-    """figures/<name>_curves.png: training loss and the primary metric against the step."""
-    from mimkit.viz import save_curves
-
-    train, evals = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            train.append((rec["step"], rec["loss"]))
-        elif rec.get("kind") == "eval" and primary in rec:
-            evals.append((rec["step"], rec[primary]))
-    if evals:
-        panels = {"training loss": {"train": train}, f"evaluation {primary}": {"eval": evals}}
-        save_curves(panels, run_dir / "figures" / f"{name}_curves.png", xlabel="optimizer step")

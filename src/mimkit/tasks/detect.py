@@ -172,7 +172,7 @@ def run_detect(cfg: DetectConfig, *, resume: bool = False) -> DenseResult:
         collate_fn=detection_collate,
     )
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate(model: Detector) -> dict[str, Any]:
         return evaluate_detector(
             model, eval_loader, device=device, masks=bool(h.masks), classes=data.classes
         )

@@ -28,8 +28,8 @@ from mimkit.config import ConfigError, to_dict
 from mimkit.config.downstream import FinetuneConfig
 from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, FinetuneTransform, sample_seed
 from mimkit.data.transforms import seeded_globals
-from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
+from mimkit.engine.evaluation import BEST_FILE, LAST_FILE, Evaluation
 from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.task import StepOutput, TaskHooks
 from mimkit.engine.trainer import Trainer, TrainResult
@@ -78,7 +78,6 @@ class FinetuneTask(TaskHooks):
 
             self.ema = ModelEmaV3(model, decay=cfg.ema.decay)
         self._seed, self._last_step, self._micro = 0, -1, 0
-        self.step_callback = None  # called after every optimizer step (periodic evaluation)
 
     def on_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         # Mixup draws from NumPy's global generator: seed it from (seed, step, micro-step)
@@ -99,8 +98,6 @@ class FinetuneTask(TaskHooks):
     def after_step(self, step: int) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=step)
-        if self.step_callback is not None:
-            self.step_callback(step)
 
     def weights(self) -> dict[str, torch.Tensor]:
         state = self.model.timm_state_dict()
@@ -157,21 +154,6 @@ def build_classifier(cfg: FinetuneConfig, *, num_classes: int) -> tuple[Classifi
             old = "?" if w is None else w.shape[0]
             notes.append(f"head replaced ({old} -> {num_classes} classes, pool {e.pool})")
     return model, loaded, notes
-
-
-def _best_of(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """model_best's record from an evaluation history, chosen as the run chooses it (the first
-    strictly higher top-1, the EMA's when it scored higher)."""
-    best = None
-    for h in history:
-        cands = [("model", h["top1"], h["top5"])]
-        if "ema_top1" in h:
-            cands.append(("ema", h["ema_top1"], h.get("ema_top5")))
-        which, top1, top5 = max(cands, key=lambda c: c[1])
-        if best is None or top1 > best["top1"]:
-            best = {"epoch": h["epoch"], "step": h["step"], "top1": top1, "which": which,
-                    "top5": top5}  # fmt: skip
-    return best
 
 
 def freeze_all_but_last_blocks(model: Classifier, k: int) -> int:
@@ -285,58 +267,20 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
             flush=True,
         )
 
-    eval_path = run_dir / "eval.json"
-    if not resume:  # a fresh run in a directory without checkpoints: no earlier run's scores
-        for name in ("eval.json", "test.json"):
-            (run_dir / name).unlink(missing_ok=True)
-    state = {"history": [], "best": None, "selection": selection}
-    if resume and eval_path.is_file():
-        saved = json.loads(eval_path.read_text())
-        state["history"], state["best"] = saved.get("history", []), saved.get("best")
-    best_path, last_path = run_dir / "model_best.safetensors", run_dir / "model_last.safetensors"
-
-    trainer = None
-
-    def evaluate(epoch: float, final: bool) -> None:
-        if not (final or epoch % cfg.eval_every_epochs == 0):
-            return
-        step = trainer.step if trainer is not None else 0
-        if state["history"] and state["history"][-1]["step"] == step:
-            return  # already evaluated at this step
-        with torch.random.fork_rng(devices=[]):  # leave the training RNG as checkpointed
-            rec = {"epoch": epoch, **evaluate_classifier(model, eval_loader, device=device)}
-            ema = None
-            if task.ema is not None:
-                ema = evaluate_classifier(task.ema.module, eval_loader, device=device)
-        candidates = [("model", rec["top1"], model)]
-        if ema is not None:
-            rec |= {f"ema_{k}": v for k, v in ema.items() if k != "num_images"}
-            candidates.append(("ema", ema["top1"], task.ema.module))
-        which, top1, best_model = max(candidates, key=lambda c: c[1])
-        trainer.logger.log(rec, step=step, prefix="eval")  # jsonl + TensorBoard
-        state["history"].append({"step": step, **rec})
-        step_meta = {**meta, "step": step, "epoch": epoch}
-        ckpt.save_weights(last_path, model.timm_state_dict(), step_meta)
-        if state["best"] is None or top1 > state["best"]["top1"]:
-            state["best"] = {
-                "epoch": epoch,
-                "step": step,
-                "top1": top1,
-                "which": which,
-                "top5": rec["ema_top5" if which == "ema" else "top5"],
-            }
-            ckpt.save_weights(
-                best_path, best_model.timm_state_dict(), {**step_meta, "which": which}
-            )
-        eval_path.write_text(json.dumps(state, indent=2) + "\n")
-        print(
-            f"{selection} epoch {epoch:g} (step {step}): "
-            f"top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%"
-            + (f" (EMA top-1 {rec['ema_top1']:.2f}%)" if task.ema is not None else "")
-            + f"; best {state['best']['top1']:.2f}% (epoch {state['best']['epoch']})",
-            flush=True,
-        )
-
+    if not resume and is_main():  # a fresh run in a directory without checkpoints
+        (run_dir / "test.json").unlink(missing_ok=True)
+    evaluation = Evaluation(
+        evaluate=lambda m: _scores(m, task.ema, eval_loader, device),
+        metric="top1",
+        every_epochs=cfg.eval_every_epochs,
+        every_steps=cfg.eval_every_steps,
+        weights=Classifier.timm_state_dict,
+        rivals={"ema": task.ema.module} if task.ema is not None else {},
+        best_keys=("top5",),
+        split=selection,
+        report=_report,
+        info={"selection": selection},
+    )
     trainer = Trainer(
         task,
         train_view,
@@ -346,34 +290,29 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
         device=device,
         seed=cfg.run.seed,
         num_workers=d.num_workers,
-        on_epoch_end=evaluate,
+        evaluation=evaluation,
     )
-    if cfg.eval_every_steps and is_main():
-
-        def step_eval(step: int) -> None:
-            if step % cfg.eval_every_steps == 0 and step < trainer.total_steps:
-                evaluate(round(step / trainer.steps_per_epoch, 3), True)
-
-        task.step_callback = step_eval
     if resume:
         trainer.resume()
-        # evaluations logged after the checkpoint are redone (the replay is exact): keep the
-        # history up to it, and the best among those, as metrics.jsonl does
-        state["history"] = [h for h in state["history"] if h["step"] <= trainer.step]
-        state["best"] = _best_of(state["history"])
     result = trainer.fit()
+    best_path, last_path = run_dir / BEST_FILE, run_dir / LAST_FILE
     test: dict[str, Any] = {}
     if is_main():
-        if result.stopped_early:
-            evaluate(result.epoch, True)
-        if result.stopped_early is False or result.step >= trainer.total_steps:
-            test = _score_test(cfg, model, best_path, loader(data.eval), state, device, run_dir)
-        _curves(run_dir, selection)
-    hist = state["history"]
+        if not result.stopped_early:
+            best, test_loader = result.best or {}, loader(data.eval)
+            test = _score_test(cfg, model, test_loader, best_path=best_path, best=best,
+                               selection=selection, device=device)  # fmt: skip
+        from mimkit.viz import save_eval_curves
+
+        name = "validation" if selection == "val" else "evaluation"
+        save_eval_curves(
+            run_dir, "finetune", metric="top1", title=f"{name} top-1 (%)", label=selection
+        )
+    hist = result.evaluations
     return FinetuneResult(
         run_dir=run_dir,
         train=result,
-        best=state["best"] or {},
+        best=result.best or {},
         last=hist[-1] if hist else {},
         test=test,
         best_path=best_path if best_path.exists() else None,
@@ -383,12 +322,38 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
     )
 
 
-def _score_test(cfg, model, best_path: Path, test_loader, state, device, run_dir: Path) -> dict:
+def _scores(model: Classifier, ema: Any, loader: DataLoader, device: torch.device) -> dict:
+    """Top-1, top-5 and loss of ``model`` and, with a weight EMA, of the EMA (``ema_`` keys)."""
+    rec = evaluate_classifier(model, loader, device=device)
+    if ema is not None:
+        scores = evaluate_classifier(ema.module, loader, device=device)
+        rec |= {f"ema_{k}": v for k, v in scores.items() if k != "num_images"}
+    return rec
+
+
+def _report(rec: dict[str, Any], best: dict[str, Any]) -> str:
+    """An evaluation's line: top-1 and top-5 (the EMA's top-1), then the best top-1."""
+    ema = f" (EMA top-1 {rec['ema_top1']:.2f}%)" if "ema_top1" in rec else ""
+    return (
+        f"top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%{ema}; "
+        f"best {best['top1']:.2f}% (epoch {best['epoch']})"
+    )
+
+
+def _score_test(
+    cfg: FinetuneConfig,
+    model: Classifier,
+    test_loader: DataLoader,
+    *,
+    best_path: Path,
+    best: dict[str, Any],
+    selection: str,
+    device: torch.device,
+) -> dict[str, Any]:
     """The evaluation split, scored once with ``model_best``'s weights -> ``test.json``."""
-    test_path = run_dir / "test.json"
+    test_path = best_path.parent / "test.json"
     if test_path.is_file():  # a finished run, resumed: scored already
         return json.loads(test_path.read_text())
-    best = state["best"] or {}
     if not best_path.is_file():
         return {}
     from safetensors.torch import load_file
@@ -404,10 +369,10 @@ def _score_test(cfg, model, best_path: Path, test_loader, state, device, run_dir
         "split": split,
         **rec,
         "weights": "model_best",
-        "selected_on": state["selection"],
+        "selected_on": selection,
         "selected": {k: best.get(k) for k in ("step", "epoch", "top1", "which")},
     }
-    if state["selection"] == "eval":
+    if selection == "eval":
         out["note"] = (
             "val_fraction=0: model_best was chosen on this same split (optimistic); "
             "set val_fraction > 0 for a held-out choice"
@@ -415,26 +380,7 @@ def _score_test(cfg, model, best_path: Path, test_loader, state, device, run_dir
     test_path.write_text(json.dumps(out, indent=2) + "\n")
     print(
         f"test ({split}, scored once with model_best from step {best.get('step')}, chosen on "
-        f"{state['selection']}): top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%",
+        f"{selection}): top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}%",
         flush=True,
     )
     return out
-
-
-def _curves(run_dir: Path, selection: str = "eval") -> None:
-    """figures/finetune_curves.png: training loss and validation (or evaluation) top-1 against
-    the optimizer step."""
-    from mimkit.viz import save_curves
-
-    train, evals = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            train.append((rec["step"], rec["loss"]))
-        elif rec.get("kind") == "eval":
-            evals.append((rec["step"], rec["top1"]))
-    if not evals:
-        return
-    name = "validation" if selection == "val" else "evaluation"
-    panels = {"training loss": {"train": train}, f"{name} top-1 (%)": {selection: evals}}
-    save_curves(panels, run_dir / "figures" / "finetune_curves.png", xlabel="optimizer step")

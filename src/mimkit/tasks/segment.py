@@ -190,7 +190,7 @@ def run_segment(cfg: SegmentConfig, *, resume: bool = False) -> DenseResult:
     )
     ev = cfg.eval
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate(model: Segmenter) -> dict[str, Any]:
         return evaluate_segmenter(
             model,
             eval_loader,

@@ -21,6 +21,7 @@ from mimkit.config import TokenizerConfig
 from mimkit.data import SKIP_REPORT, AugmentedView, EvalTransform, PretrainTransform, build_dataset
 from mimkit.engine import checkpoint as ckpt
 from mimkit.engine.distributed import is_main
+from mimkit.engine.evaluation import Evaluation
 from mimkit.engine.rundir import prepare_run
 from mimkit.engine.task import StepOutput, TaskHooks
 from mimkit.engine.trainer import Trainer, TrainResult
@@ -153,17 +154,19 @@ def run_tokenizer(cfg: TokenizerConfig, *, resume: bool = False) -> TokenizerRes
     task = TokenizerTask(model, cfg)
     fig_imgs = torch.stack([held[i][0] for i in range(min(8, len(held)))]).to(device)
     fig_path = run_dir / "figures" / "tokenizer_reconstruction.png"
-    trainer: Trainer | None = None
+    # held-out reconstruction and codebook usage after every epoch, logged only
+    held_out = Evaluation(
+        evaluate=lambda m: evaluate_tokenizer(m, held, device=device), metric=None
+    )
 
     def on_epoch_end(epoch: int, final: bool) -> None:
-        metrics = evaluate_tokenizer(model, held, device=device)
-        trainer.logger.log({"epoch": epoch, **metrics}, step=trainer.step, prefix="eval")
         if final or epoch % cfg.train.figure_every_epochs == 0:
             save_tokenizer_figure(model, fig_imgs, fig_path, title=f"dVAE, epoch {epoch}")
 
     trainer = Trainer(
         task, view, optim=cfg.optim, train=cfg.train, run_dir=run_dir, device=device,
-        seed=cfg.run.seed, num_workers=d.num_workers, on_epoch_end=on_epoch_end,
+        seed=cfg.run.seed, num_workers=d.num_workers, evaluation=held_out,
+        on_epoch_end=on_epoch_end,
     )  # fmt: skip
     if resume:
         trainer.resume()
