@@ -44,7 +44,7 @@ from torchvision.ops import box_iou
 
 
 def _load(run: Path):
-    from mimkit.config.core import load_config
+    from mimkit.config import load_config
     from mimkit.config.dense import DetectConfig
     from mimkit.data.dense_transforms import DenseView, DetectTransform, detection_collate
     from mimkit.tasks.dense import dense_data
