@@ -76,7 +76,7 @@ def _mimkit_finetune(steps: int, batch: int, workers: int, threads: int) -> floa
         args = [sys.executable, "-m", "mimkit.cli", "finetune", "-c", str(FT), f"run.dir={tmp}/r",
                 *SCRATCH, f"data.root={FMNIST}", f"train.steps={steps}",
                 f"train.batch_size={batch}", f"data.num_workers={workers}",
-                "train.precision=bf16", "train.log_every_steps=1", "eval_every_epochs=1000",
+                "train.precision=bf16", "train.log_every_steps=1", "eval.every_epochs=1000",
                 "val_fraction=0", "data.eval_max_samples=256"]  # fmt: skip
         subprocess.run(args, check=True, capture_output=True, env=_env(threads))
         rows = [json.loads(x) for x in Path(f"{tmp}/r/metrics.jsonl").read_text().splitlines()]

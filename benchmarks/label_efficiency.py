@@ -89,8 +89,8 @@ def _finetune(out: Path, method: str, init: str | None, frac: float, seed: int, 
         f"train.batch_size={BATCH}",
         "train.log_every_steps=10",
         f"optim.warmup_epochs={0.1 * steps / spe:.4f}",
-        "eval_every_steps=50",
-        "eval_every_epochs=100000",
+        "eval.every_steps=50",
+        "eval.every_epochs=100000",
     ]
     args += [*SCRATCH, "optim.layer_decay=1.0"] if init is None else [f"model.init={init}"]
     args += EXTRA

@@ -335,3 +335,19 @@ def test_choices_are_literal_types_checked_in_yaml_overrides_and_python(tmp_path
     probe.probe.pool = "max"
     with pytest.raises(ConfigError, match=r"probe\.pool='max' is not allowed: one of \['avg'"):
         probe.validate()
+
+
+def test_finetunings_older_eval_spelling_still_works_with_a_warning(capsys):
+    from mimkit.config import core
+    from mimkit.config.downstream import FinetuneConfig
+
+    core._SAID.clear()  # said once per process
+    recipe = ROOT / "configs/finetune/fmnist_vit_tiny.yaml"
+    scratch = ["model.init=null", "model.method=mae", "model.arch=vit_tiny", "model.img_size=28",
+               "model.patch_size=4", "model.in_chans=1"]  # fmt: skip
+    old = load_config(recipe, [*scratch, "eval_every_epochs=3", "eval_every_steps=7"],
+                      schema=FinetuneConfig)  # fmt: skip
+    new = load_config(recipe, [*scratch, "eval.every_epochs=3", "eval.every_steps=7"],
+                      schema=FinetuneConfig)  # fmt: skip
+    assert old == new and (new.eval.every_epochs, new.eval.every_steps) == (3, 7)
+    assert "eval_every_epochs is deprecated, use eval.every_epochs" in capsys.readouterr().err

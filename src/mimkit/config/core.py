@@ -32,6 +32,7 @@ __all__ = [
     "load_recipe",
     "native_bf16",
     "positive",
+    "renamed",
     "resolve_precision",
     "save_config",
     "to_dict",
@@ -225,6 +226,16 @@ def check_choices(cfg: Any, prefix: str = "") -> None:
         allowed = choices(hints[f.name])
         if allowed is not None and value not in allowed:
             fail(f"{prefix}{f.name}", value, f"one of {[a for a in allowed if a is not None]}")
+
+
+def renamed(old: str, new: str) -> None:
+    """Say once on stderr that ``old`` is an older spelling of ``new`` (it keeps working)."""
+    if (old, new) not in _SAID:
+        _SAID.add((old, new))
+        print(f"mimkit: warning: {old} is deprecated, use {new} (same meaning)", file=sys.stderr)
+
+
+_SAID: set[tuple[str, str]] = set()
 
 
 def fail(key: str, value: Any, allowed: str) -> None:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mimkit.config.core import ConfigError, check_choices, fail, native_bf16, positive
+from mimkit.config.core import (
+    ConfigError,
+    check_choices,
+    fail,
+    native_bf16,
+    positive,
+    renamed,
+)
 from mimkit.config.pretrain import (
     VIT_PRESETS,
     DataConfig,
@@ -34,6 +41,7 @@ __all__ = [
     "EmaConfig",
     "EncoderConfig",
     "FinetuneConfig",
+    "FinetuneEvalConfig",
     "FinetuneOptimConfig",
     "KnnCommandConfig",
     "KnnEvalConfig",
@@ -240,6 +248,12 @@ class EmaConfig:
 
 
 @dataclass
+class FinetuneEvalConfig:
+    every_epochs: int = 1  # evaluate (on the validation split) every N epochs and at the end
+    every_steps: int | None = None  # also every N optimizer steps (curves)
+
+
+@dataclass
 class FinetuneConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/finetune"))
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
@@ -248,8 +262,10 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
     ema: EmaConfig = field(default_factory=EmaConfig)
-    eval_every_epochs: int = 1
-    eval_every_steps: int | None = None  # also evaluate every N optimizer steps (curves)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    # older spellings of eval.every_epochs / eval.every_steps (segment and detect's), still read
+    eval_every_epochs: int | None = None
+    eval_every_steps: int | None = None
     # held out of the labeled training images (seeded, class-balanced): the periodic evaluations
     # run on it and choose model_best; the evaluation split (data.eval_split / eval_root) is
     # scored once, at the end, with model_best's weights (test.json). 0: no validation split;
@@ -258,6 +274,12 @@ class FinetuneConfig:
     val_fraction: float = 0.1
 
     def resolve(self) -> None:
+        for old in ("every_epochs", "every_steps"):
+            value = getattr(self, f"eval_{old}")
+            if value is not None:  # the older spelling: said once, moved to its new place
+                renamed(f"eval_{old}", f"eval.{old}")
+                setattr(self.eval, old, value)
+                setattr(self, f"eval_{old}", None)
         resolve_encoder(self.model)
         resolve_batch_and_lr(self.optim, self.train)
 
@@ -297,11 +319,11 @@ class FinetuneConfig:
                 fail("aug.rand_augment", a.rand_augment, f"a timm RandAugment spec ({err})")
         if not 0 < self.ema.decay < 1:
             fail("ema.decay", self.ema.decay, "must be in (0, 1)")
-        positive("eval_every_epochs", self.eval_every_epochs)
+        positive("eval.every_epochs", self.eval.every_epochs)
         if not 0 <= self.val_fraction < 1:
             fail("val_fraction", self.val_fraction, "must be in [0, 1) (0: no validation split)")
-        if self.eval_every_steps is not None:
-            positive("eval_every_steps", self.eval_every_steps)
+        if self.eval.every_steps is not None:
+            positive("eval.every_steps", self.eval.every_steps)
 
 
 @dataclass

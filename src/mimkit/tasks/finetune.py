@@ -5,7 +5,7 @@ The protocol of BEiT (Sec. 3.1, Table 6) and MAE (Appendix A.2): average-pooled 
 smoothing, Mixup/CutMix, RandAugment, random erasing, drop path, optional weight EMA.
 
 Model selection is honest by default: ``val_fraction`` of the labeled training images (seeded,
-class-balanced) is held out; top-1/top-5 on it every ``eval_every_epochs`` choose ``model_best``;
+class-balanced) is held out; top-1/top-5 on it every ``eval.every_epochs`` choose ``model_best``;
 the evaluation (test) split is scored once, at the end, with ``model_best``'s weights
 (``test.json``). With ``val_fraction=0`` the periodic evaluations and the choice run on the
 evaluation split itself, as in the official repositories (an optimistic figure, said so).
@@ -272,8 +272,8 @@ def run_finetune(cfg: FinetuneConfig, *, resume: bool = False) -> FinetuneResult
     evaluation = Evaluation(
         evaluate=lambda m: _scores(m, task.ema, eval_loader, device),
         metric="top1",
-        every_epochs=cfg.eval_every_epochs,
-        every_steps=cfg.eval_every_steps,
+        every_epochs=cfg.eval.every_epochs,
+        every_steps=cfg.eval.every_steps,
         weights=Classifier.timm_state_dict,
         rivals={"ema": task.ema.module} if task.ema is not None else {},
         best_keys=("top5",),
