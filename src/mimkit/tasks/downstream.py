@@ -206,14 +206,10 @@ def downstream_provenance(
     records: what it is, its input, its data and budget, and under ``pretrain`` what it was
     initialized from. Callers add their own fields."""
     from mimkit import __version__
-    from mimkit.engine.checkpoint import created_now, upstream_provenance
+    from mimkit.weights import Provenance, created_now, upstream_provenance
 
     pre = loaded.weights.metadata if loaded.weights is not None else {}
-    return {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "kind": kind,
-        "method": e.method,
+    extra = {
         "init": e.init or "none",
         "pretrain_method": pre.get("method", "none"),
         "num_classes": len(classes),
@@ -221,11 +217,12 @@ def downstream_provenance(
         "img_size": e.img_size,
         "patch_size": e.patch_size,
         "in_chans": e.in_chans,
-        "mean": mean,
-        "std": std,
         "dataset": dataset,
         "epochs": epochs,
         "includes_decoder": False,
-        "created": created_now(),
         "pretrain": upstream_provenance(pre),
     }
+    return Provenance(
+        kind=kind, method=e.method, mean=list(mean), std=list(std), created=created_now(),
+        mimkit_version=__version__, extra=extra,
+    ).to_metadata()  # fmt: skip

@@ -37,6 +37,7 @@ from mimkit.models.tokenizer_io import load_tokenizer
 from mimkit.targets import pixel_target
 from mimkit.tasks.knn import KnnResult, knn_evaluate, knn_evaluate_pixels
 from mimkit.viz import save_beit_figure, save_reconstruction_figure
+from mimkit.weights import Provenance
 
 __all__ = ["BEiTPretrainTask", "MAEPretrainTask", "PretrainResult", "run_pretrain"]
 
@@ -187,11 +188,11 @@ def provenance(
         target = "visual_tokens"
     else:
         target = "norm_pixels" if cfg.target.norm_pix else "pixels"
+    if m.method == "mae":
+        layout = "official-mae" if decoder else "timm-vit"
+    else:
+        layout = "official-beit" if decoder else "timm-beit"
     meta: dict[str, Any] = {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "kind": "pretrain" if decoder else "encoder",
-        "method": m.method,
         "target": target,
         "mask_strategy": cfg.mask.strategy,
         "mask_ratio": cfg.mask.ratio,
@@ -205,22 +206,19 @@ def provenance(
         "depth": m.depth,
         "num_heads": m.num_heads,
         "mlp_ratio": m.mlp_ratio,
-        "mean": mean,
-        "std": std,
         "dataset": cfg.data.name,
         "epochs": cfg.train.epochs,
         "batch_size": cfg.train.batch_size,
         "includes_decoder": decoder,
-        "layout": ("official-mae" if decoder else "timm-vit")
-        if m.method == "mae"
-        else ("official-beit" if decoder else "timm-beit"),
-        "created": ckpt.created_now(),
-        "model_config": to_dict(m),
     }
     if target == "visual_tokens":
         meta["vocab_size"] = vocab_size
         meta["tokenizer"] = {"checkpoint": cfg.tokenizer.checkpoint, "kind": tokenizer_kind}
-    return meta
+    return Provenance(
+        kind="pretrain" if decoder else "encoder", method=m.method, layout=layout,
+        model_config=to_dict(m), mean=list(mean), std=list(std), created=ckpt.created_now(),
+        mimkit_version=__version__, extra=meta,
+    ).to_metadata()  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ from mimkit.models.tokenizer import (
     psnr,
 )
 from mimkit.viz import save_tokenizer_figure
+from mimkit.weights import Provenance
 
 __all__ = ["TokenizerResult", "TokenizerTask", "build_dvae", "evaluate_tokenizer", "run_tokenizer"]
 
@@ -53,14 +54,9 @@ def build_dvae(cfg: TokenizerConfig) -> DiscreteVAE:
 
 def dvae_metadata(cfg: TokenizerConfig) -> dict[str, Any]:
     t = cfg.tokenizer
-    return {
-        "format": "mimkit",
-        "mimkit_version": __version__,
-        "kind": "dvae",
-        "input_range": "[0, 1]",
-        **dataclasses.asdict(t),
-        "grid": [t.img_size // t.downsample] * 2,
-    }
+    grid = [t.img_size // t.downsample] * 2
+    extra = {"input_range": "[0, 1]", **dataclasses.asdict(t), "grid": grid}
+    return Provenance(kind="dvae", mimkit_version=__version__, extra=extra).to_metadata()
 
 
 class TokenizerTask(TaskHooks):
