@@ -94,3 +94,40 @@ def test_grid_wise_sampling_keeps_one_patch_of_every_cell():
     assert out.latent.shape == (2, 5, 32)  # cls + 4 kept patches
     with pytest.raises(ValueError, match="grid pattern masks"):
         MaskSampler("grid", (4, 4), 10, ratio=0.75)
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"target.loss_on": "all"},
+        {"model.mask_token_in_encoder": True},
+        {"mask.strategy": "grid", "mask.ratio": 0.75},
+        {"mask.strategy": "blockwise"},
+    ],
+    ids=["loss-on-all", "mask-token-in-encoder", "grid", "blockwise"],
+)
+def test_every_mae_switch_pretrains_from_a_recipe(tmp_path, switch):
+    from mimkit.config import load_config
+    from mimkit.tasks.pretrain import run_pretrain
+    from mimkit.weights import read_metadata
+    from tests.conftest import DEMO, tiny_overrides
+
+    over = tiny_overrides(tmp_path / "run", **{"train.max_steps": 2, **switch})
+    res = run_pretrain(load_config(DEMO, over))
+    assert res.train.step == 2 and torch.isfinite(torch.tensor(res.train.loss))
+    meta = read_metadata(res.encoder_path)
+    assert meta["mask_strategy"] == switch.get("mask.strategy", "random")
+    assert meta["model_config"]["mask_token_in_encoder"] == switch.get(
+        "model.mask_token_in_encoder", False
+    )
+
+
+def test_grid_masking_needs_a_ratio_it_can_draw(tmp_path):
+    from mimkit.config import ConfigError, load_config
+    from tests.conftest import DEMO, tiny_overrides
+
+    with pytest.raises(ConfigError, match=r"mask\.ratio=0\.6 is not allowed: grid masking"):
+        load_config(DEMO, tiny_overrides(tmp_path, **{"mask.strategy": "grid", "mask.ratio": 0.6}))
+    with pytest.raises(ConfigError, match=r"model\.mask_token_in_encoder=True .*MAE only"):
+        beit = {"model.method": "beit", "model.mask_token_in_encoder": True}
+        load_config(DEMO, tiny_overrides(tmp_path, **beit))

@@ -106,8 +106,9 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    # random (MAE) | blockwise (BEiT Algorithm 1; MAE Table 1f "block")
-    strategy: Literal["random", "blockwise"] = "random"
+    # random (MAE) | blockwise (BEiT Algorithm 1; MAE Table 1f "block") | grid (MAE Fig. 6: one
+    # patch of every s x s cell kept, s from mask.ratio = 1 - 1/s^2)
+    strategy: Literal["random", "blockwise", "grid"] = "random"
     ratio: float = 0.75  # fraction masked; blockwise uses num_masked when given
     num_masked: int | None = None  # blockwise: patches masked per image (BEiT: 75 of 196)
     min_block: int = 16  # blockwise: minimum block area in patches (16 for a 14x14 grid)
@@ -339,6 +340,13 @@ def _validate_masking(cfg: PretrainConfig) -> None:
     kinds = ["pixels"] if m.method == "mae" else ["tokens", "pixels"]
     if target.kind not in kinds:
         fail("target.kind", target.kind, f"one of {kinds} for model.method={m.method!r}")
+    if mask.strategy == "grid":
+        from mimkit.masking import grid_step
+
+        try:
+            grid_step(mask.ratio)
+        except ValueError as err:
+            fail("mask.ratio", mask.ratio, str(err))
     if m.mask_token_in_encoder and m.method != "mae":
         fail("model.mask_token_in_encoder", True, "MAE only (BEiT's encoder always has one)")
     if m.layer_scale is not None:

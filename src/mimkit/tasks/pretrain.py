@@ -29,7 +29,7 @@ from mimkit.engine.distributed import is_main
 from mimkit.engine.rundir import prepare_run, record_resolved
 from mimkit.engine.task import StepOutput, TaskHooks
 from mimkit.engine.trainer import Trainer, TrainResult
-from mimkit.masking import MaskSampler, mask_from_bool, num_visible
+from mimkit.masking import MaskSampler, grid_mask, mask_from_bool, num_visible
 from mimkit.models import build_beit, build_encoder, build_mae
 from mimkit.models.beit import BEiT, mim_pixel_loss, mim_token_loss
 from mimkit.models.mae import MAE, from_official_layout, to_official_layout
@@ -298,6 +298,8 @@ def mask_sampler(cfg: PretrainConfig) -> MaskSampler | None:
     m, mk = cfg.model, cfg.mask
     grid = (m.img_size // m.patch_size,) * 2
     n = grid[0] * grid[1]
+    if mk.strategy == "grid":  # MAE Fig. 6: one patch of every s x s cell, for either method
+        return MaskSampler("grid", grid, int(grid_mask(grid, mk.ratio).sum()), ratio=mk.ratio)
     if m.method == "beit":
         k = mk.num_masked or max(1, round(mk.ratio * n))
         return MaskSampler(mk.strategy, grid, k, min_block=mk.min_block)
