@@ -21,6 +21,8 @@ from mimkit.tasks.pretrain import run_pretrain
 from mimkit.tasks.segment import evaluate_segmenter, run_segment
 from tests.conftest import DEMO, ROOT, assert_provenance, tiny_overrides
 
+pytestmark = pytest.mark.slow  # segmentation and detection runs end to end
+
 SEG = ROOT / "configs" / "segment" / "fmnist_mosaic_vit_tiny.yaml"
 DET = ROOT / "configs" / "detect" / "fmnist_mosaic_vit_tiny.yaml"
 

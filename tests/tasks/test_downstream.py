@@ -660,7 +660,7 @@ def test_eval_scores_an_official_finetuned_checkpoint_as_timm_does(tmp_path, cap
     from mimkit.data import AugmentedView, EvalTransform
     from mimkit.tasks.downstream import classify_data, pretraining_normalization
     from mimkit.tasks.evaluate import run_eval
-    from tests.test_interop_official import write_official
+    from tests.interop.test_interop_official import write_official
 
     torch.manual_seed(0)
     ref = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=16, patch_size=4,

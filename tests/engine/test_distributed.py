@@ -18,11 +18,14 @@ import torch
 
 from mimkit.engine import checkpoint as ckpt
 from tests.conftest import DEMO, tiny_overrides
-from tests.test_dense_tasks import fmnist  # noqa: F401  (a fixture: a Fashion-MNIST-like folder)
+from tests.tasks.test_dense_tasks import fmnist  # noqa: F401  (a fixture: a Fashion-MNIST-like folder)
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not built in"
-)
+pytestmark = [
+    pytest.mark.slow,  # processes started by torchrun
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not built in"
+    ),
+]
 
 MASKS = ["mask.strategy=blockwise", "mask.num_masked=10", "mask.min_block=2"]
 
@@ -135,7 +138,7 @@ def test_two_processes_stream_shards(tmp_path):
 
 
 def _finetune(run, *extra: str, nproc: int = 1, batch: int = 8):
-    from tests.test_downstream import FT, SCRATCH, _ft_args
+    from tests.tasks.test_downstream import FT, SCRATCH, _ft_args
 
     # per-sample randomness only (seeded augmentations); Mixup pairs and drop path are drawn
     # per rank, so they are off for the comparison with one process
@@ -162,7 +165,7 @@ def test_finetuning_on_two_processes_equals_one_with_the_same_global_batch(tmp_p
 
 def test_finetuning_refuses_fsdp(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    from tests.test_downstream import FT, SCRATCH, _ft_args
+    from tests.tasks.test_downstream import FT, SCRATCH, _ft_args
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "mimkit.cli", "finetune", "-c", str(FT), *_ft_args(tmp_path / "r", "none",
@@ -174,7 +177,7 @@ def test_finetuning_refuses_fsdp(tmp_path):
 def test_frozen_feature_commands_refuse_torchrun(tmp_path):
     """k-NN and the linear probe read a frozen encoder's features in one process; under
     torchrun they say so instead of hanging."""
-    from tests.test_downstream import KNN, SCRATCH
+    from tests.tasks.test_downstream import KNN, SCRATCH
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     scratch = [f"{k}={v}" for k, v in SCRATCH.items()]
@@ -186,7 +189,7 @@ def test_frozen_feature_commands_refuse_torchrun(tmp_path):
 
 
 def _dense(command: str, run, root, *extra: str, nproc: int = 2):
-    from tests.test_dense_tasks import DET, SCRATCH, SEG, _args
+    from tests.tasks.test_dense_tasks import DET, SCRATCH, SEG, _args
 
     values = {**SCRATCH, "model.depth": 2, "train.batch_size": 2}  # per process: 2 x 2 = 4
     config = SEG if command == "segment" else DET
@@ -219,7 +222,7 @@ def test_dense_tasks_train_on_two_processes_and_resume(tmp_path, fmnist, command
 
 
 def test_dense_tasks_refuse_fsdp(tmp_path, fmnist):  # noqa: F811
-    from tests.test_dense_tasks import SCRATCH, SEG, _args
+    from tests.tasks.test_dense_tasks import SCRATCH, SEG, _args
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = _args(tmp_path / "r", fmnist, "null", **SCRATCH)
@@ -231,7 +234,7 @@ def test_dense_tasks_refuse_fsdp(tmp_path, fmnist):  # noqa: F811
 
 def test_tokenizer_trains_on_two_processes(tmp_path):
     """The dVAE under torchrun: rank 0 alone evaluates and writes the tokenizer."""
-    from tests.test_beit_pretrain import DVAE
+    from tests.tasks.test_beit_pretrain import DVAE
 
     run = tmp_path / "tok"
     args = [

@@ -16,7 +16,7 @@ import torch
 from mimkit.cli import main
 from mimkit.engine.checkpoint import load_weights, read_metadata
 from mimkit.interop.convert import convert, describe, detect_format
-from tests.test_interop_official import (
+from tests.interop.test_interop_official import (
     HEADS,
     MAE_ARGS,
     TouchFile,
@@ -26,7 +26,7 @@ from tests.test_interop_official import (
     fixture,
     mae_layout,
 )
-from tests.test_interop_official import vit_filter as official_vit_filter
+from tests.interop.test_interop_official import vit_filter as official_vit_filter
 
 transformers = pytest.importorskip("transformers")
 

@@ -219,7 +219,7 @@ def _pretrain_cmd(run) -> list[str]:
 
 
 def _finetune_cmd(run) -> list[str]:
-    from tests.test_downstream import FT, SCRATCH, _ft_args
+    from tests.tasks.test_downstream import FT, SCRATCH, _ft_args
 
     extra = {**SCRATCH, "run.deterministic": True, "train.epochs": 3, "train.ckpt_every_steps": 1,
              "data.num_workers": 1, "model.drop_path": 0.1}  # fmt: skip

@@ -23,7 +23,7 @@ try:
     import dall_e
 except ImportError as e:  # fail loudly rather than skip: CI must run these tests
     raise ImportError(
-        "tests/test_dalle.py needs the reference dVAE: pip install 'dall-e==0.1' attrs "
+        "tests/interop/test_dalle.py needs the reference dVAE: pip install 'dall-e==0.1' attrs "
         "(both are in the [test] extra)"
     ) from e
 

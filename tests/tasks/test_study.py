@@ -18,6 +18,8 @@ from mimkit.config import ConfigError
 from mimkit.study import load_study, plan, run_study
 from tests.conftest import DEMO, ROOT
 
+pytestmark = pytest.mark.slow  # studies of real runs, killed and resumed
+
 FT = ROOT / "configs" / "finetune" / "fmnist_vit_tiny.yaml"
 KNN = ROOT / "configs" / "knn" / "fmnist_vit_tiny.yaml"
 ARCH = ["model.arch=custom", "model.img_size=16", "model.patch_size=4", "model.in_chans=3",
