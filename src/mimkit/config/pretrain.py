@@ -204,8 +204,19 @@ class KnnConfig:
 
 
 @dataclass
+class HealthConfig:
+    # score the run on held-out images every N epochs and at the end (mimkit.tasks.health);
+    # null: never
+    every_epochs: int | None = 1
+    images: int = 256  # held-out images scored (the evaluation split's first ones)
+    knn_train: int = 2000  # labeled training images of the small k-NN (0: no k-NN)
+    window: int = 3  # warn when the held-out loss has not improved for this many evaluations
+
+
+@dataclass
 class EvalConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass
@@ -274,6 +285,13 @@ def validate(cfg: PretrainConfig) -> None:
     """Check ranges and relations between values. Raises :class:`ConfigError` (one line)."""
     check_choices(cfg)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    h = cfg.eval.health
+    if h.every_epochs is not None:
+        positive("eval.health.every_epochs", h.every_epochs)
+    positive("eval.health.images", h.images)
+    positive("eval.health.window", h.window)
+    if h.knn_train < 0:
+        fail("eval.health.knn_train", h.knn_train, "must be >= 0 (0: no k-NN)")
     if m.arch not in VIT_PRESETS and m.arch != "custom":
         fail("model.arch", m.arch, f"one of {[*VIT_PRESETS, 'custom']}")
     for key in ("embed_dim", "depth", "num_heads"):

@@ -35,8 +35,9 @@ from mimkit.models.beit import BEiT, mim_pixel_loss, mim_token_loss
 from mimkit.models.mae import MAE, from_official_layout, to_official_layout
 from mimkit.models.tokenizer_io import load_tokenizer
 from mimkit.targets import pixel_target
+from mimkit.tasks.health import health_evaluation
 from mimkit.tasks.knn import KnnResult, knn_evaluate, knn_evaluate_pixels
-from mimkit.viz import save_beit_figure, save_reconstruction_figure
+from mimkit.viz import save_beit_figure, save_eval_curves, save_reconstruction_figure
 from mimkit.weights import Provenance
 
 __all__ = ["BEiTPretrainTask", "MAEPretrainTask", "PretrainResult", "run_pretrain"]
@@ -263,6 +264,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
         device=device,
         seed=cfg.run.seed,
         num_workers=d.num_workers,
+        evaluation=health_evaluation(cfg, task, mean=mean, std=std, device=device),
         on_epoch_end=on_epoch_end,
     )
     if resume:
@@ -273,6 +275,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult
     encoder_path = None
     knn: dict[str, KnnResult] = {}
     if is_main():
+        save_eval_curves(run_dir, "health", metric="health_loss", title="held-out loss",
+                         label="pretraining loss on held-out images")  # fmt: skip
         if result.stopped_early or not fig_path.exists():
             on_epoch_end(result.epoch, True)
         encoder_path = run_dir / "encoder.safetensors"

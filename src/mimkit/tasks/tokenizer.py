@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,9 @@ def evaluate_tokenizer(model: DiscreteVAE, dataset, *, device, batch_size: int =
     }
 
 
+COLLAPSED_PERPLEXITY = 2.0  # a codebook whose usage perplexity is below this has collapsed
+
+
 @dataclasses.dataclass
 class TokenizerResult:
     run_dir: Path
@@ -150,10 +154,17 @@ def run_tokenizer(cfg: TokenizerConfig, *, resume: bool = False) -> TokenizerRes
     task = TokenizerTask(model, cfg)
     fig_imgs = torch.stack([held[i][0] for i in range(min(8, len(held)))]).to(device)
     fig_path = run_dir / "figures" / "tokenizer_reconstruction.png"
+
     # held-out reconstruction and codebook usage after every epoch, logged only
-    held_out = Evaluation(
-        evaluate=lambda m: evaluate_tokenizer(m, held, device=device), metric=None
-    )
+    def evaluate(m: DiscreteVAE) -> dict:
+        record = evaluate_tokenizer(m, held, device=device)
+        if record["perplexity"] < COLLAPSED_PERPLEXITY:  # one or two codes for every image
+            print(f"mimkit: warning: the codebook has collapsed (perplexity "
+                  f"{record['perplexity']:.2f} of {m.vocab_size} codes): lower the lr or raise "
+                  "loss.kl_weight", file=sys.stderr, flush=True)  # fmt: skip
+        return record
+
+    held_out = Evaluation(evaluate=evaluate, metric=None)
 
     def on_epoch_end(epoch: int, final: bool) -> None:
         if final or epoch % cfg.train.figure_every_epochs == 0:
