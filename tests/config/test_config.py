@@ -320,9 +320,9 @@ def test_choices_are_literal_types_checked_in_yaml_overrides_and_python(tmp_path
     from mimkit.config import validate
     from mimkit.config.downstream import LinprobeConfig
 
-    with pytest.raises(ConfigError, match=r"^override 'mask.strategy': mask.strategy='grid' is "
-                       r"not allowed: one of \['random', 'blockwise'\]$"):  # fmt: skip
-        load_config(DEMO, ["mask.strategy=grid"])
+    with pytest.raises(ConfigError, match=r"^override 'mask.strategy': mask.strategy='chess' is "
+                       r"not allowed: one of \['random', 'blockwise', 'grid'\]$"):  # fmt: skip
+        load_config(DEMO, ["mask.strategy=chess"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  parallel: horovod\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: train\.parallel='horovod' is not allowed"):

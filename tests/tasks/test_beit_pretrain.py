@@ -99,9 +99,9 @@ def test_every_ablation_switch_trains(tmp_path, tokenizer_path, switch):
 def test_beit_config_errors(tmp_path, tokenizer_path):
     with pytest.raises(ConfigError, match=r"tokenizer\.checkpoint=None is not allowed"):
         _beit(tmp_path, tokenizer_path, **{"tokenizer.checkpoint": "null"})
-    with pytest.raises(ConfigError, match=r"mask\.strategy='grid' is not allowed"):
+    with pytest.raises(ConfigError, match=r"mask\.strategy='chess' is not allowed"):
         load_config(ROOT / "configs/pretrain/mae_vit_tiny_fmnist.yaml",
-                    [*tiny_overrides(tmp_path), "mask.strategy=grid"])  # fmt: skip
+                    [*tiny_overrides(tmp_path), "mask.strategy=chess"])  # fmt: skip
     with pytest.raises(ConfigError, match="token grid"):
         run_pretrain(
             _beit(tmp_path, tokenizer_path, **{"model.patch_size": 8, "mask.num_masked": 2})

@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 from mimkit.config import ConfigError
 from mimkit.config.downstream import ClassifyDataConfig, EncoderConfig
 from mimkit.data import build_dataset, dataset_labels, holdout_split, labeled_subset
-from mimkit.engine.checkpoint import read_metadata
 from mimkit.models import build_encoder
-from mimkit.models.loading import EncoderWeights, find_checkpoint, load_encoder_weights
+from mimkit.models.loading import EncoderWeights, load_encoder_weights
 from mimkit.models.resize import expand_shared_rel_pos_bias, resize_encoder_state
+from mimkit.weights import open_weights
 
 __all__ = [
     "ClassifyData",
@@ -160,7 +160,7 @@ def pretraining_normalization(init: str | None) -> tuple[list | None, list | Non
     fine-tuning needs it to build the data, and the data's class count to build the model."""
     if init is None:
         return None, None
-    meta = read_metadata(find_checkpoint(init))
+    meta = open_weights(init).metadata  # the handle the config resolved: not read again
     return meta.get("mean"), meta.get("std")
 
 

@@ -110,15 +110,7 @@ def visualize_reconstruction(
 ) -> Path:
     """Original | masked | reconstruction | reconstruction with the visible patches pasted in, for
     an MAE checkpoint with its decoder (a ``checkpoints/ckpt-*`` directory or a run directory)."""
-    file = find_checkpoint(checkpoint)
-    if file.name == "encoder.safetensors":  # a run directory: its newest full checkpoint
-        from mimkit.engine.checkpoint import latest_checkpoint
-
-        latest = latest_checkpoint(file.parent / "checkpoints")
-        if latest is None:
-            raise ConfigError(f"{checkpoint}: no checkpoint with the MAE decoder in checkpoints/")
-        file = latest / "model.safetensors"
-    state, meta = load_weights(file)
+    state, meta, file = _full_checkpoint(checkpoint, "the MAE decoder")
     if meta.get("target") == "visual_tokens":
         raise ConfigError(f"{file}: an MAE that predicts visual tokens reconstructs no pixels")
     if meta.get("method") != "mae" or not any(k.startswith("decoder_") for k in state):
@@ -150,17 +142,24 @@ def visualize_reconstruction(
     )  # fmt: skip
 
 
-def _beit_checkpoint(checkpoint: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
-    """The full BEiT pretraining checkpoint (with ``lm_head``) ``checkpoint`` stands for."""
-    file = find_checkpoint(checkpoint)
-    if file.name == "encoder.safetensors":  # a run directory: its newest full checkpoint
-        from mimkit.weights import latest_checkpoint
+def _full_checkpoint(checkpoint: str, what: str) -> tuple[dict, dict, Path]:
+    """(weights, metadata, file) of the full pretraining checkpoint ``checkpoint`` stands for: a
+    run directory's newest ``checkpoints/ckpt-*`` (its encoder.safetensors lacks ``what``)."""
+    from mimkit.weights import latest_checkpoint
 
+    file = find_checkpoint(checkpoint)
+    if file.name == "encoder.safetensors":
         latest = latest_checkpoint(file.parent / "checkpoints")
         if latest is None:
-            raise ConfigError(f"{checkpoint}: no checkpoint with the MIM head in checkpoints/")
+            raise ConfigError(f"{checkpoint}: no checkpoint with {what} in checkpoints/")
         file = latest / "model.safetensors"
     state, meta = load_weights(file)
+    return state, meta, file
+
+
+def _beit_checkpoint(checkpoint: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The full BEiT pretraining checkpoint (with ``lm_head``) ``checkpoint`` stands for."""
+    state, meta, file = _full_checkpoint(checkpoint, "the MIM head")
     if meta.get("method") != "beit" or "lm_head.weight" not in state:
         raise ConfigError(
             f"{file}: predictions need a BEiT pretraining checkpoint with its MIM head (a run "
