@@ -263,9 +263,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=64))
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
-    # older spellings of eval.every_epochs / eval.every_steps (segment and detect's), still read
-    eval_every_epochs: int | None = None
-    eval_every_steps: int | None = None
+    # older spellings, still read (with a deprecation warning)
+    eval_every_epochs: int | None = None  # deprecated: eval.every_epochs
+    eval_every_steps: int | None = None  # deprecated: eval.every_steps
     # held out of the labeled training images (seeded, class-balanced): the periodic evaluations
     # run on it and choose model_best; the evaluation split (data.eval_split / eval_root) is
     # scored once, at the end, with model_best's weights (test.json). 0: no validation split;
