@@ -61,6 +61,20 @@ def test_a_four_band_folder_pretrains_and_records_its_statistics(tmp_path):
     assert meta["in_chans"] == 4 and meta["mean"] == [0.4, 0.5, 0.5, 0.6]
     with pytest.raises(ConfigError, match=r"data\.mean.*one value per channel"):
         load_config(DEMO, [*over, "data.mean=[0.5,0.5,0.5]"])
+    # exported to timm and Hugging Face with its four bands and their statistics
+    import timm
+    from transformers import ViTModel
+
+    from mimkit.cli import main
+
+    assert main(["convert", str(res.encoder_path), str(tmp_path / "timm"), "--to", "timm"]) == 0
+    assert main(["convert", str(res.encoder_path), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    vit = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert vit.patch_embed.proj.in_channels == 4
+    assert list(vit.pretrained_cfg["mean"]) == [0.4, 0.5, 0.5, 0.6]
+    hf = ViTModel.from_pretrained(tmp_path / "hf")
+    x = torch.randn(1, 4, 16, 16)
+    assert hf.config.num_channels == 4 and hf(pixel_values=x).last_hidden_state.shape == (1, 17, 32)
 
 
 def test_grayscale_and_rgb_only_operations_say_so(tmp_path):
