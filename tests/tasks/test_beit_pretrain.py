@@ -214,3 +214,22 @@ def test_visualize_predictions_of_a_beit_run(tmp_path, tokenizer_path, capsys):
                        **{"train.max_steps": 1, "target.kind": "pixels"}))  # fmt: skip
     assert main(["visualize", "predictions", str(tmp_path / "px" / "run"), str(png)]) == 2
     assert "predicts no visual tokens" in capsys.readouterr().err
+
+
+def test_mae_with_visual_token_targets_pretrains(tmp_path, tokenizer_path):
+    """MAE Table 1d ("dVAE token"): the MAE decoder predicts the tokenizer's tokens."""
+    values = {"target.kind": "tokens", "tokenizer.checkpoint": str(tokenizer_path),
+              "train.max_steps": 2, "eval.health.knn_train": 0}  # fmt: skip
+    run = tmp_path / "run"
+    res = run_pretrain(load_config(ROOT / "configs/pretrain/mae_vit_tiny_fmnist.yaml",
+                                   tiny_overrides(run, **values)))  # fmt: skip
+    assert res.train.step == 2 and torch.isfinite(torch.tensor(res.train.loss))
+    meta = ckpt.read_metadata(res.encoder_path)
+    assert meta["method"] == "mae" and meta["target"] == "visual_tokens"
+    assert meta["vocab_size"] == 32 and meta["tokenizer"]["kind"] == "dvae"
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    weights, _ = ckpt.load_weights(latest / "model.safetensors")
+    assert weights["decoder_pred.weight"].shape[0] == 32  # a vocabulary head
+    health = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "health_loss" in x]  # fmt: skip
+    assert health and health[-1]["health_loss"] > 0

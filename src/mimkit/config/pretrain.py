@@ -355,9 +355,6 @@ def _validate_masking(cfg: PretrainConfig) -> None:
     if mask.num_masked is not None and not 0 < mask.num_masked < num_patches:
         fail("mask.num_masked", mask.num_masked, f"must be in (0, {num_patches}) patches")
     positive("mask.min_block", mask.min_block)
-    kinds = ["pixels"] if m.method == "mae" else ["tokens", "pixels"]
-    if target.kind not in kinds:
-        fail("target.kind", target.kind, f"one of {kinds} for model.method={m.method!r}")
     if mask.strategy == "grid":
         from mimkit.masking import grid_step
 
@@ -370,7 +367,7 @@ def _validate_masking(cfg: PretrainConfig) -> None:
     if m.layer_scale is not None:
         positive("model.layer_scale", m.layer_scale)
     tok = cfg.tokenizer
-    needs_tokenizer = m.method == "beit" and target.kind == "tokens"
+    needs_tokenizer = target.kind == "tokens"
     if needs_tokenizer and (tok.checkpoint is None or not Path(tok.checkpoint).is_file()):
         fail(
             "tokenizer.checkpoint",

@@ -105,7 +105,8 @@ def health_evaluation(cfg: PretrainConfig, task, *, mean, std, device) -> Evalua
                                                   for f in mask._fields})  # fmt: skip
         record: dict[str, Any] = {"health_held_out": int(split == "test")}
         if cfg.model.method == "mae":
-            record["health_loss"] = float(model.loss(x, model(x, mask=msk)))
+            ids = None if tok_ids is None else tok_ids.to(device)
+            record["health_loss"] = float(model.loss(x, model(x, mask=msk), ids))
             encoder = model.encoder
         else:
             from mimkit.models.beit import mim_pixel_loss, mim_token_loss
@@ -137,8 +138,9 @@ def health_evaluation(cfg: PretrainConfig, task, *, mean, std, device) -> Evalua
 
 
 def _token_targets(cfg: PretrainConfig, task, dataset, device) -> torch.Tensor | None:
-    """BEiT with a tokenizer: the visual tokens (B, N) of the held-out images, computed once."""
-    if cfg.model.method != "beit" or task.tokenizer is None:
+    """Visual-token targets (BEiT, or MAE Table 1d): the tokens (B, N) of the held-out images,
+    computed once."""
+    if cfg.target.kind != "tokens":
         return None
     from mimkit.data import BEiTTransform
 

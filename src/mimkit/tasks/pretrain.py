@@ -138,24 +138,46 @@ class TokenCache(torch.utils.data.Dataset):
 
 
 class MAEPretrainTask(TaskHooks):
-    """The trainer's task for MAE: batch -> masked-pixel loss."""
+    """The trainer's task for MAE: batch -> masked-pixel loss, or the cross-entropy of a
+    tokenizer's visual tokens (MAE Table 1d; the batch then holds BEiT's views)."""
 
     name = "pretrain"
 
-    def __init__(self, model: MAE, cfg: PretrainConfig, *, mean: list[float], std: list[float]):
+    def __init__(
+        self,
+        model: MAE,
+        cfg: PretrainConfig,
+        *,
+        mean: list[float],
+        std: list[float],
+        tokenizer: torch.nn.Module | None = None,
+        tokenizer_meta: dict[str, Any] | None = None,
+    ):
         self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
+        self.tokenizer, self.tokenizer_meta = tokenizer, tokenizer_meta or {}
         self.device = next(model.parameters()).device
         sampler = mask_sampler(cfg)
         self.num_masked = sampler.num_masked if sampler is not None else None
 
+    @torch.no_grad()
+    def target_ids(self, tok_imgs: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (B, N) of the tokenizer view in [0, 1], or cached ids."""
+        if not tok_imgs.is_floating_point():  # from a TokenCache: already (B, N) ids
+            return tok_imgs.long()
+        return self.tokenizer.encode(tok_imgs).flatten(1)
+
     def step(self, batch: Any) -> StepOutput:
-        x, mask = batch[0], None
-        if isinstance(x, (list, tuple)):  # (images, (B, N) bool masks) from the data pipeline
+        x, mask, ids = batch[0], None, None
+        if isinstance(x, (list, tuple)) and len(x) == 3:  # BEiT's views: visual-token targets
+            x, tok_imgs, mask_bool = x
+            ids = self.target_ids(tok_imgs.to(self.device, non_blocking=True))
+            mask = mask_from_bool(mask_bool.to(self.device), num_masked=self.num_masked)
+        elif isinstance(x, (list, tuple)):  # (images, (B, N) bool masks) from the pipeline
             x, mask_bool = x
             mask = mask_from_bool(mask_bool.to(self.device), num_masked=self.num_masked)
         imgs = x.to(self.device, non_blocking=True)  # (B, C, H, W) normalized
         out = self.model(imgs, mask=mask)  # no pipeline mask: random masking in the step (MAE)
-        return StepOutput(loss=self.model.loss(imgs, out), logs={})
+        return StepOutput(loss=self.model.loss(imgs, out, ids), logs={})
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The full MAE in the official layout (encoder keys are timm's)."""
@@ -165,7 +187,10 @@ class MAEPretrainTask(TaskHooks):
         self.model.load_state_dict(from_official_layout(state), strict=True)
 
     def metadata(self, *, decoder: bool = True) -> dict[str, Any]:
-        return provenance(self.cfg, mean=self.mean, std=self.std, decoder=decoder)
+        return provenance(
+            self.cfg, mean=self.mean, std=self.std, decoder=decoder,
+            vocab_size=self.model.vocab_size, tokenizer_kind=self.tokenizer_meta.get("kind"),
+        )  # fmt: skip
 
 
 def provenance(
@@ -184,8 +209,7 @@ def provenance(
     the layout of the keys and the whole ``model`` section; the writer adds ``step``/``epoch``.
     """
     m = cfg.model
-    beit = m.method == "beit"
-    if beit and vocab_size is not None:
+    if cfg.target.kind == "tokens" and vocab_size is not None:
         target = "visual_tokens"
     else:
         target = "norm_pixels" if cfg.target.norm_pix else "pixels"
@@ -307,6 +331,8 @@ def mask_sampler(cfg: PretrainConfig) -> MaskSampler | None:
     if m.method == "beit":
         k = mk.num_masked or max(1, round(mk.ratio * n))
         return MaskSampler(mk.strategy, grid, k, min_block=mk.min_block)
+    if cfg.target.kind == "tokens" and mk.strategy == "random":  # masks beside the token view
+        return MaskSampler("random", grid, n - num_visible(n, mk.ratio))
     if mk.strategy == "blockwise":
         k = mk.num_masked or n - num_visible(n, mk.ratio)
         return MaskSampler("blockwise", grid, k, min_block=mk.min_block)
@@ -340,6 +366,20 @@ def _training_view(cfg: PretrainConfig, base, transform, run_dir: Path):
 def _mae_setup(cfg, base, mean, std, device, run_dir):
     """(task, training view, figure path, draw(epoch)) for MAE."""
     m, d = cfg.model, cfg.data
+    if cfg.target.kind == "tokens":  # MAE Table 1d: BEiT's two views, the tokens as targets
+        tokenizer, meta, tok_size = _checked_tokenizer(cfg, device)
+        transform = BEiTTransform(
+            m.img_size, tok_size, mean, std, mask_fn=mask_sampler(cfg), scale=d.crop_scale,
+            hflip=d.hflip, color_jitter=cfg.tokenizer.color_jitter,
+        )  # fmt: skip
+        view = _training_view(cfg, base, transform, run_dir)
+        if cfg.tokenizer.cache:
+            view = TokenCache(view, tokenizer, device=device)
+        model = build_mae(cfg, vocab_size=int(meta["vocab_size"])).to(device)
+        task = MAEPretrainTask(
+            model, cfg, mean=mean, std=std, tokenizer=tokenizer, tokenizer_meta=meta
+        )
+        return task, view, run_dir / "figures" / "reconstruction.png", lambda epoch: None
     transform = PretrainTransform(m.img_size, mean, std, scale=d.crop_scale, hflip=d.hflip)
     sampler = mask_sampler(cfg)  # blockwise: masks from the pipeline
     if sampler is not None:
@@ -360,26 +400,35 @@ def _mae_setup(cfg, base, mean, std, device, run_dir):
     return task, view, path, draw
 
 
+def _checked_tokenizer(cfg: PretrainConfig, device):
+    """(tokenizer, its metadata, the tokenizer view's size) for visual-token targets, checked
+    against the ViT: the same token grid as the patch grid, the same channels."""
+    m = cfg.model
+    grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
+    tokenizer, meta = load_tokenizer(cfg.tokenizer.checkpoint, device=device)
+    tok_size = cfg.tokenizer.img_size or int(meta["img_size"])
+    tok_grid = tok_size // int(meta["downsample"])
+    if (tok_grid, tok_grid) != grid:
+        raise ConfigError(
+            f"tokenizer.checkpoint gives a {tok_grid}x{tok_grid} token grid at "
+            f"tokenizer.img_size={tok_size}, but the ViT's patch grid is {grid[0]}x{grid[1]} "
+            f"(model.img_size={m.img_size} / model.patch_size={m.patch_size})"
+        )
+    if int(meta["in_chans"]) != m.in_chans:
+        raise ConfigError(
+            f"tokenizer.checkpoint takes {meta['in_chans']}-channel images, "
+            f"model.in_chans={m.in_chans}"
+        )
+    return tokenizer, meta, tok_size
+
+
 def _beit_setup(cfg, base, mean, std, device, run_dir):
     """(task, training view, figure path, draw(epoch)) for BEiT; loads and checks the tokenizer."""
     m, d = cfg.model, cfg.data
     grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
     tokenizer, meta, tok_size = None, None, m.img_size
     if cfg.target.kind == "tokens":
-        tokenizer, meta = load_tokenizer(cfg.tokenizer.checkpoint, device=device)
-        tok_size = cfg.tokenizer.img_size or int(meta["img_size"])
-        tok_grid = tok_size // int(meta["downsample"])
-        if (tok_grid, tok_grid) != grid:
-            raise ConfigError(
-                f"tokenizer.checkpoint gives a {tok_grid}x{tok_grid} token grid at "
-                f"tokenizer.img_size={tok_size}, but the ViT's patch grid is {grid[0]}x{grid[1]} "
-                f"(model.img_size={m.img_size} / model.patch_size={m.patch_size})"
-            )
-        if int(meta["in_chans"]) != m.in_chans:
-            raise ConfigError(
-                f"tokenizer.checkpoint takes {meta['in_chans']}-channel images, "
-                f"model.in_chans={m.in_chans}"
-            )
+        tokenizer, meta, tok_size = _checked_tokenizer(cfg, device)
     n = grid[0] * grid[1]
     sampler = mask_sampler(cfg)
     num_masked = sampler.num_masked
